@@ -1,0 +1,357 @@
+"""The Transformer: one module for Llama-, GPT-2- and BERT-style models, chosen by ModelConfig fields.
+
+Parameter names follow Hugging Face's Llama layout (model.layers.N.self_attn.q_proj ...) so that Llama-family
+folders load without renaming; checkpoint.py maps GPT-2 and BERT names onto these.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmkit.config import ModelConfig
+
+
+def activation(name: str):
+    return {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+    }[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # computed in float32 as transformers' LlamaRMSNorm does, then cast back before the weight
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, (B, n_kv_head, max_len, head_dim), with a write slot per row.
+
+    Rows may hold different numbers of tokens (left-padded prompts, or requests that joined a batch at different
+    times); `valid` marks which slots hold real tokens, so padding never receives attention.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, device=None):
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = [0] * batch_size  # next write slot of each row
+        self.n_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row (positions)
+        self.max_len = max_len
+        self.has_padding = False
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.length)
+
+    def reset_rows(self, rows: list[int]):
+        """Empty the given rows so new sequences can take them (continuous batching)."""
+        for r in rows:
+            self.length[r] = 0
+            self.valid[r] = False
+            self.n_tokens[r] = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings (the non-interleaved "rotate_half" form used by transformers' Llama)
+
+
+def rope_cache(cfg: ModelConfig, device=None):
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = cfg.extra.get("rope_scaling") if cfg.extra else None
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()  # (max_pos, head_dim)
+
+
+def _llama3_inv_freq(inv_freq, s):
+    # Llama 3.1 frequency scaling (transformers' _compute_llama3_parameters)
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D); cos/sin: (B, 1, T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.o_bias)
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slots):
+        B, T, _ = x.shape
+        hd, cfg = self.cfg.head_dim, self.cfg
+        q = self.q_proj(x).view(B, T, cfg.n_head, hd).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, hd).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_head, hd).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        if cache is not None:
+            k, v = self._write_cache(cache, layer, k, v, slots)
+        is_causal = mask is None and cfg.causal and T > 1
+        if mask is True:  # the caller has checked that no masking is needed (decode step without padding)
+            mask, is_causal = None, False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=cfg.attn_dropout if self.training else 0.0,
+            enable_gqa=cfg.n_kv_head != cfg.n_head,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
+
+    @staticmethod
+    def _write_cache(cache: KVCache, layer: int, k, v, slots):
+        kc, vc = cache.k[layer], cache.v[layer]
+        start, end, uniform = slots
+        if uniform:
+            kc[:, :, start:end] = k
+            vc[:, :, start:end] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            kc[rows, :, start] = k.transpose(1, 2)  # start: (B, T) slot indices
+            vc[rows, :, start] = v.transpose(1, 2)
+        return kc[:, :, :end], vc[:, :, :end]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act = activation(cfg.activation)
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = make_norm(cfg, cfg.n_embd)
+        self.post_attention_layernorm = make_norm(cfg, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, cache, layer, slots):
+        if self.pre_norm:
+            x = x + self.drop(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, slots))
+            return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+        # post-norm (original Transformer / BERT)
+        x = self.input_layernorm(x + self.drop(self.self_attn(x, rope, mask, cache, layer, slots)))
+        return self.post_attention_layernorm(x + self.drop(self.mlp(x)))
+
+
+class Transformer(nn.Module):
+    """Decoder or encoder stack with optional LM / MLM / classification heads."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.position == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.n_embd)
+        if cfg.type_vocab_size:
+            self.embed_types = nn.Embedding(cfg.type_vocab_size, cfg.n_embd)
+        if cfg.embed_norm:
+            self.embed_norm = make_norm(cfg, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        if cfg.final_norm:
+            self.norm = make_norm(cfg, cfg.n_embd)
+        if cfg.mlm_transform:
+            self.mlm_dense = nn.Linear(cfg.n_embd, cfg.n_embd)
+            self.mlm_norm = make_norm(cfg, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.pooler:
+            self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd)
+        if cfg.num_labels:
+            self.score = nn.Linear(cfg.n_embd, cfg.num_labels, bias=cfg.pooler)
+        self.apply(self._init_weights)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if cfg.position == "rope":
+            cos, sin = rope_cache(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _init_weights(self, m):
+        std = self.config.initializer_range
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    # -----------------------------------------------------------------------------------------------------------
+    def forward(self, input_ids, *, attention_mask=None, positions=None, token_type_ids=None,
+                cache: KVCache | None = None, head: str = "lm", last_only: bool = False):
+        """input_ids (B, T) -> logits (B, T, V) for head="lm", (B, num_labels) for "classify", (B, T, C) for "hidden".
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding. With a cache, tokens are written after each row's
+        previous ones and attend to them.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        dev = input_ids.device
+        real = None if attention_mask is None else attention_mask.bool()
+        mask, slots = None, None
+        if cache is not None:
+            mask, slots, positions_c = self._cache_step(cache, real, B, T, dev)
+            positions = positions_c if positions is None else positions
+        elif real is not None and not bool(real.all()):
+            allowed = real[:, None, None, :]  # (B, 1, 1, T) keys
+            if cfg.causal:
+                allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+            mask = allowed | torch.eye(T, dtype=torch.bool, device=dev)  # padding queries see themselves: no NaN
+        if positions is None:
+            if real is not None:
+                positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                positions = torch.arange(T, device=dev).expand(B, T)
+
+        x = self.embed_tokens(input_ids)
+        if cfg.position == "learned":
+            x = x + self.embed_positions(positions)
+        if cfg.type_vocab_size:
+            tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.embed_types(tt)
+        if cfg.embed_norm:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+        rope = None
+        if cfg.position == "rope":
+            rope = (self.rope_cos[positions].unsqueeze(1).to(x.dtype), self.rope_sin[positions].unsqueeze(1).to(x.dtype))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, i, slots)
+        if cfg.final_norm:
+            x = self.norm(x)
+        if cache is not None:
+            self._cache_advance(cache, real, B, T, slots)
+
+        if head == "hidden":
+            return x
+        if head == "classify":
+            return self.classify(x, input_ids, real)
+        if last_only:
+            x = x[:, -1:]
+        if cfg.mlm_transform:
+            x = self.mlm_norm(activation(cfg.activation)(self.mlm_dense(x)))
+        return self.lm_head(x)
+
+    def classify(self, x, input_ids, real):
+        """Sequence classification logits from hidden states: [CLS] + pooler for encoders, last real token otherwise."""
+        cfg = self.config
+        if cfg.pooler:
+            pooled = torch.tanh(self.pooler(x[:, 0]))
+            return self.score(self.drop(pooled))
+        if real is None and cfg.pad_token_id >= 0:
+            real = input_ids != cfg.pad_token_id
+        if real is None:
+            last = torch.full((x.shape[0],), x.shape[1] - 1, device=x.device)
+        else:  # last real token; works for left and right padding alike
+            idx = torch.arange(x.shape[1], device=x.device)
+            last = torch.where(real, idx, -1).max(-1).values.clamp(min=0)
+        return self.score(x[torch.arange(x.shape[0], device=x.device), last])
+
+    # -----------------------------------------------------------------------------------------------------------
+    def _cache_step(self, cache: KVCache, real, B, T, dev):
+        if B != cache.batch_size:
+            raise ValueError(f"batch of {B} rows does not match the KV cache's {cache.batch_size}")
+        lengths = cache.length
+        end = max(lengths) + T
+        if end > cache.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the KV cache ({cache.max_len}); raise max_len")
+        uniform = all(n == lengths[0] for n in lengths)
+        if real is None:
+            real = torch.ones(B, T, dtype=torch.bool, device=dev)
+        if uniform:
+            start = lengths[0]
+            slots = (start, end, True)
+            cache.valid[:, start:end] = real
+            q_slot = torch.arange(start, end, device=dev).expand(B, T)
+        else:
+            q_slot = torch.tensor(lengths, device=dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
+            slots = (q_slot, end, False)
+            cache.valid[torch.arange(B, device=dev)[:, None], q_slot] = real
+        positions = cache.n_tokens[:, None] + (real.long().cumsum(-1) - 1).clamp(min=0)
+        needs_mask = cache.has_padding or not uniform or not bool(real.all()) or not self.config.causal
+        if not needs_mask and T == 1:
+            mask = True  # one new token that may see every earlier slot: no mask at all
+        elif not needs_mask and lengths[0] == 0:
+            mask = None  # plain causal prefill
+        else:
+            k_slot = torch.arange(end, device=dev)
+            allowed = cache.valid[:, None, None, :end]  # (B, 1, 1, Tk)
+            if self.config.causal:
+                allowed = allowed & (k_slot[None, None, None, :] <= q_slot[:, None, :, None])
+            mask = allowed | (k_slot[None, None, None, :] == q_slot[:, None, :, None])
+        return mask, slots, positions
+
+    def _cache_advance(self, cache: KVCache, real, B, T, slots):
+        for r in range(B):
+            cache.length[r] += T
+        if real is None:
+            cache.n_tokens += T
+        else:
+            cache.n_tokens += real.long().sum(-1)
+            if not bool(real.all()):
+                cache.has_padding = True
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
