@@ -1,0 +1,112 @@
+"""Decode speed of the default model: llmkit's engine against transformers' generate on the same weights.
+
+Both run greedy decoding of 128 new tokens at batch 1 and batch 8 (8 different prompts, left-padded), in this one
+process. Decode tokens/s = new tokens after the first / (time for 128 tokens - time for 1 token), so prompt
+processing is excluded for both. Writes benchmarks/results/generate_speed.json.
+
+    .venv/bin/python benchmarks/generate_speed.py [--dtype float32|bfloat16] [--new-tokens 128] [--repeats 3]
+"""
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a transformer language model works.",
+    "List five uses of a paperclip.",
+    "What is the capital of France and why is it famous?",
+    "Describe the water cycle to a ten-year-old.",
+    "Give me a recipe for pancakes.",
+    "Summarize the plot of Hamlet.",
+    "Why is the sky blue?",
+]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def best_of(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="llmkit's compute dtype")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="best of N timings")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate_speed.json"))
+    args = ap.parse_args()
+
+    import transformers
+
+    from llmkit.checkpoint import default_model_dir, load_model
+    from llmkit.engine import Engine, SamplingParams
+
+    folder = default_model_dir()  # the bf16 safetensors folder converted from the GGUF: both load these weights
+    lm = load_model(folder, dtype=args.dtype)
+    engine = Engine(lm.model, lm.tokenizer, lm.generation_config)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    hf_tok.padding_side = "left"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    results = {"dtype": args.dtype, "baseline": f"transformers {transformers.__version__} generate, float32",
+               "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
+               "torch": torch.__version__}
+    rows = []
+    for batch in (1, 8):
+        prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                   for p in PROMPTS[:batch]]
+
+        def ours(n):
+            out = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+            assert all(len(c.token_ids) == n for c in out)
+
+        enc = hf_tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+        def theirs(n):
+            with torch.inference_mode():
+                out = hf.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=hf_tok.pad_token_id)
+            assert out.shape[1] == enc["input_ids"].shape[1] + n
+
+        figures = {}
+        for name, fn in (("llmkit", ours), ("baseline", theirs)):
+            fn(2)  # warm-up
+            t_first = best_of(lambda: fn(1), args.repeats)
+            t_all = best_of(lambda: fn(args.new_tokens), args.repeats)
+            figures[name] = batch * (args.new_tokens - 1) / (t_all - t_first)
+        speedup = figures["llmkit"] / figures["baseline"]
+        results[f"llmkit_tok_s_batch{batch}"] = round(figures["llmkit"], 2)
+        results[f"baseline_tok_s_batch{batch}"] = round(figures["baseline"], 2)
+        results[f"speedup_batch{batch}"] = round(speedup, 2)
+        rows.append((batch, figures["llmkit"], figures["baseline"], speedup))
+
+    print(f"\ndecode tokens/s, {cpu_model()}, {torch.get_num_threads()} threads, llmkit {args.dtype} vs transformers fp32")
+    print(f"{'batch':>5} {'llmkit':>10} {'transformers':>13} {'speedup':>8}")
+    for b, a, t, s in rows:
+        print(f"{b:>5} {a:>10.1f} {t:>13.1f} {s:>7.2f}x")
+    results["command"] = " ".join(["python"] + sys.argv)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
