@@ -65,6 +65,14 @@ class KVCache:
     def batch_size(self) -> int:
         return len(self.length)
 
+    def keep_rows(self, rows: list[int]):
+        """Keep only these rows (finished ones leave the batch, so later steps compute only running rows)."""
+        idx = torch.tensor(rows, device=self.valid.device)
+        self.k = [k.index_select(0, idx) for k in self.k]
+        self.v = [v.index_select(0, idx) for v in self.v]
+        self.valid, self.n_tokens = self.valid.index_select(0, idx), self.n_tokens.index_select(0, idx)
+        self.length = [self.length[r] for r in rows]
+
     def reset_rows(self, rows: list[int]):
         """Empty the given rows so new sequences can take them (continuous batching)."""
         for r in rows:
