@@ -530,7 +530,7 @@ def load_gguf(path, dtype=torch.float32, device="cpu") -> LoadedModel:
             w = _unpermute(w, cfg.n_head)
         elif ".attn_k." in t.name:
             w = _unpermute(w, cfg.n_kv_head)
-        sd[name] = torch.from_numpy(w.astype("float32", copy=False))
+        sd[name] = torch.from_numpy(w.astype("float32", copy=not w.flags.writeable))  # F32 tensors are read-only mmaps
     from llmkit.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(reader)

@@ -304,11 +304,8 @@ def test_chat_uses_the_template(tok):
     assert "".join(eng.chat(messages, GREEDY, stream=True)) == out.text
 
 
-def test_default_model_knows_paris():
-    checkpoint = pytest.importorskip("llmkit.checkpoint")
-    if not hasattr(checkpoint, "load_model"):
-        pytest.skip("llmkit.checkpoint.load_model does not exist yet")
-    lm = checkpoint.load_model("default")
+def test_default_model_knows_paris(default_lm):
+    lm = default_lm
     eng = Engine(lm.model, lm.tokenizer, lm.generation_config)
     out = eng.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_new_tokens=16))
