@@ -304,8 +304,7 @@ _BERT = _table([
 
 def build_model(cfg: ModelConfig, state_dict: dict, dtype=None, device="cpu", strict=True) -> Transformer:
     """A Transformer holding `state_dict` (llmkit names), built without spending time on a random init."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = Transformer(cfg, device="meta")
     expected = set(model.state_dict())
     if cfg.tie_word_embeddings:
         state_dict.pop("lm_head.weight", None)
@@ -314,18 +313,20 @@ def build_model(cfg: ModelConfig, state_dict: dict, dtype=None, device="cpu", st
     optional = {k for k in missing if k.startswith(("pooler.", "score.", "mlm_", "lm_head."))}
     if strict and missing - optional:
         raise ValueError(f"checkpoint is missing {len(missing - optional)} tensors, e.g. {sorted(missing - optional)[:3]}")
-    model.to_empty(device=device)
     unexpected = set(state_dict) - expected
-    model.load_state_dict({k: v for k, v in state_dict.items() if k not in unexpected}, strict=False, assign=True)
-    model.tie_weights()
+    state = {k: v.to(device) for k, v in state_dict.items() if k not in unexpected}
+    model.load_state_dict(state, strict=False, assign=True)  # takes the tensors as they are: no copy, no init
     with torch.no_grad():  # heads absent from the checkpoint (e.g. a new classifier) get a fresh init
         for name in sorted(missing):
             mod_name, pname = name.rsplit(".", 1)
             mod, p = model.get_submodule(mod_name), model.get_parameter(name)
+            fresh = torch.empty(p.shape, dtype=torch.float32, device=device)
             if isinstance(mod, (torch.nn.LayerNorm, RMSNorm)) or pname == "bias":
-                p.fill_(1.0 if pname == "weight" else 0.0)
+                fresh.fill_(1.0 if pname == "weight" else 0.0)
             else:
-                p.normal_(0.0, cfg.initializer_range)
+                fresh.normal_(0.0, cfg.initializer_range)
+            setattr(mod, pname, torch.nn.Parameter(fresh))
+    model.tie_weights()
     if cfg.position == "rope":
         cos, sin = rope_cache(cfg, device=device)
         model.rope_cos, model.rope_sin = cos, sin

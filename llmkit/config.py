@@ -100,8 +100,7 @@ class ModelConfig:
         from llmkit.model import Transformer
         import torch
 
-        with torch.device("meta"):
-            return sum(p.numel() for p in Transformer(self).parameters())
+        return sum(p.numel() for p in Transformer(self, device="meta").parameters())
 
 
 ACTIVATIONS = {"silu", "gelu", "gelu_tanh", "relu"}

@@ -6,6 +6,7 @@ folders load without renaming; checkpoint.py maps GPT-2 and BERT names onto thes
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -24,20 +25,20 @@ def activation(name: str):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, device=None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x):
         # computed in float32 as transformers' LlamaRMSNorm does, then cast back before the weight
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+def make_norm(cfg: ModelConfig, dim: int, device=None) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps)
-    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+        return RMSNorm(dim, cfg.norm_eps, device=device)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,14 +122,14 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         self.cfg = cfg
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.o_bias)
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * hd, bias=cfg.qkv_bias, device=device)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.qkv_bias, device=device)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.qkv_bias, device=device)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.o_bias, device=device)
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slots):
         B, T, _ = x.shape
@@ -166,14 +167,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         self.act = activation(cfg.activation)
         self.swiglu = cfg.mlp == "swiglu"
         if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias, device=device)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias, device=device)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias, device=device)
 
     def forward(self, x):
         if self.swiglu:
@@ -182,13 +183,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         self.pre_norm = cfg.pre_norm
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = make_norm(cfg, cfg.n_embd)
-        self.post_attention_layernorm = make_norm(cfg, cfg.n_embd)
+        self.self_attn = Attention(cfg, device)
+        self.mlp = MLP(cfg, device)
+        self.input_layernorm = make_norm(cfg, cfg.n_embd, device)
+        self.post_attention_layernorm = make_norm(cfg, cfg.n_embd, device)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, cache, layer, slots):
@@ -200,36 +201,56 @@ class Block(nn.Module):
         return self.post_attention_layernorm(x + self.drop(self.mlp(x)))
 
 
+@contextmanager
+def _no_init():
+    # torch's layers run a random init in their constructors; on meta tensors that init goes through Python refs
+    # that import torch._dynamo (~2 s), so skip it when only the structure is wanted (transformers does the same)
+    saved = {c: c.reset_parameters for c in (nn.Linear, nn.Embedding, nn.LayerNorm)}
+    for c in saved:
+        c.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for c, f in saved.items():
+            c.reset_parameters = f
+
+
 class Transformer(nn.Module):
     """Decoder or encoder stack with optional LM / MLM / classification heads."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
+        """device="meta" builds the structure without memory or init (checkpoint loading fills it)."""
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        with _no_init() if str(device) == "meta" else nullcontext():
+            self._build(cfg, device)
+
+    def _build(self, cfg: ModelConfig, d):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd, device=d)
         if cfg.position == "learned":
-            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.n_embd)
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.n_embd, device=d)
         if cfg.type_vocab_size:
-            self.embed_types = nn.Embedding(cfg.type_vocab_size, cfg.n_embd)
+            self.embed_types = nn.Embedding(cfg.type_vocab_size, cfg.n_embd, device=d)
         if cfg.embed_norm:
-            self.embed_norm = make_norm(cfg, cfg.n_embd)
+            self.embed_norm = make_norm(cfg, cfg.n_embd, d)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, d) for _ in range(cfg.n_layer))
         if cfg.final_norm:
-            self.norm = make_norm(cfg, cfg.n_embd)
+            self.norm = make_norm(cfg, cfg.n_embd, d)
         if cfg.mlm_transform:
-            self.mlm_dense = nn.Linear(cfg.n_embd, cfg.n_embd)
-            self.mlm_norm = make_norm(cfg, cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
+            self.mlm_dense = nn.Linear(cfg.n_embd, cfg.n_embd, device=d)
+            self.mlm_norm = make_norm(cfg, cfg.n_embd, d)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias, device=d)
         if cfg.pooler:
-            self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd)
+            self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd, device=d)
         if cfg.num_labels:
-            self.score = nn.Linear(cfg.n_embd, cfg.num_labels, bias=cfg.pooler)
-        self.apply(self._init_weights)
+            self.score = nn.Linear(cfg.n_embd, cfg.num_labels, bias=cfg.pooler, device=d)
+        if str(d) != "meta":
+            self.apply(self._init_weights)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if cfg.position == "rope":
-            cos, sin = rope_cache(cfg)
+            cos, sin = rope_cache(cfg, device=None if str(d) == "meta" else d)  # real values even for meta
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
