@@ -148,7 +148,7 @@ def stop_prefix_len(text: str, stops: list[str]) -> int:
     return best
 
 
-class _Request:
+class RequestState:
     """One row's state: its tokens, the text shown so far, the text held back, and why it finished."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, max_new: int, stop_ids: set, tok, device):
@@ -271,7 +271,7 @@ class Engine:
             raise ValueError(f"prompt has {len(ids)} tokens but the model's context is {ctx}; shorten the prompt")
         return ids
 
-    def _requests(self, prompts, params) -> list[_Request]:
+    def _requests(self, prompts, params) -> list[RequestState]:
         params = params if params is not None else SamplingParams()
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
@@ -283,7 +283,7 @@ class Engine:
             ids = self._prompt_ids(prompt)
             max_new = min(p.max_new_tokens, self.config.max_position_embeddings - len(ids))
             stop_ids = (set() if p.ignore_eos else self.eos_ids) | set(p.stop_token_ids)
-            reqs.append(_Request(ids, p, max_new, stop_ids, self.tok, self.device))
+            reqs.append(RequestState(ids, p, max_new, stop_ids, self.tok, self.device))
         return reqs
 
     @torch.inference_mode()  # on a generator function torch enters/leaves the mode around each resume
