@@ -37,6 +37,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def memory_bandwidth_gbs() -> float:
+    """Read bandwidth: summing a 1 GiB float32 tensor (far larger than any cache), best of 3."""
+    x = torch.ones(2**28)
+    x.sum()
+    return 2**30 / best_of(lambda: x.sum(), 3) / 1e9
+
+
 def best_of(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -69,6 +76,11 @@ def main():
     results = {"dtype": args.dtype, "baseline": f"transformers {transformers.__version__} generate, float32",
                "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
                "torch": torch.__version__}
+    # batch-1 decode reads every weight once per token: bandwidth / weight bytes bounds tokens/s for any engine
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    results["weight_bytes"] = weight_bytes
+    results["memory_read_gbs"] = round(memory_bandwidth_gbs(), 2)
+    results["batch1_roofline_tok_s"] = round(results["memory_read_gbs"] * 1e9 / weight_bytes, 2)
     rows = []
     for batch in (1, 8):
         prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
@@ -93,6 +105,7 @@ def main():
             t_all = best_of(lambda: fn(args.new_tokens), args.repeats)
             figures[name] = batch * (args.new_tokens - 1) / (t_all - t_first)
         speedup = figures["llmkit"] / figures["baseline"]
+        results[f"llmkit_weight_read_gbs_batch{batch}"] = round(figures["llmkit"] / batch * weight_bytes / 1e9, 2)
         results[f"llmkit_tok_s_batch{batch}"] = round(figures["llmkit"], 2)
         results[f"baseline_tok_s_batch{batch}"] = round(figures["baseline"], 2)
         results[f"speedup_batch{batch}"] = round(speedup, 2)
@@ -102,6 +115,8 @@ def main():
     print(f"{'batch':>5} {'llmkit':>10} {'transformers':>13} {'speedup':>8}")
     for b, a, t, s in rows:
         print(f"{b:>5} {a:>10.1f} {t:>13.1f} {s:>7.2f}x")
+    print(f"memory read bandwidth {results['memory_read_gbs']} GB/s, weights {weight_bytes / 1e6:.0f} MB: batch-1 "
+          f"roofline {results['batch1_roofline_tok_s']} tok/s")
     results["command"] = " ".join(["python"] + sys.argv)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
