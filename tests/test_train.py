@@ -1,0 +1,219 @@
+"""The training loop and `llmkit pretrain`: schedule, optimizer groups, CLM/MLM runs, exact resume (kill -9 too),
+bad input, YAML flags, and DDP on 2 CPU processes matching 1 process."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmkit.cli import main
+from llmkit.config import preset
+from llmkit.data import BlockLoader
+from llmkit.model import Transformer
+from llmkit.pretrain import clm_loss
+from llmkit.train import TrainConfig, lr_at, make_optimizer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = Path(__file__).parent / "data" / "tinyshakespeare_head.txt"
+# a tiny character-level run: ~2 s of training on one CPU core
+TINY = ["--char", "--block-size", "32", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "4",
+        "--eval-steps", "2", "--log-every", "1", "--no-progress", "--n-layer", "1"]
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out) -> list[tuple[int, float]]:
+    return [(r["step"], r["train_loss"]) for r in metrics(out)]
+
+
+def pretrain(out, *extra) -> int:
+    return main(["pretrain", "--data", str(SHAKESPEARE), "--out", str(out), *TINY, *extra])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pieces
+
+
+def test_lr_warmup_then_cosine_to_min():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    lrs = [lr_at(s, cfg) for s in range(111)]
+    assert lrs[0] < lrs[5] < lrs[9] < 1e-3 and max(lrs) == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warmup
+    assert lrs[60] == pytest.approx(5.5e-4) and lrs[110] == pytest.approx(1e-4)
+
+
+def test_weight_decay_only_on_matrices():
+    model = Transformer(preset("gpt2-tiny"))
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    # tied embedding/lm_head counted once
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_pretrain_clm_makes_a_model_folder_that_generates(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain(out, "--max-steps", "24", "--eval-every", "12", "--save-every", "8", "--keep-last", "1") == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert all({"step", "tokens", "lr", "train_loss"} <= set(r) for r in rows)
+    assert rows[-1]["tokens"] == 24 * 8 * 32
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [12, 24] and evals[1]["val_loss"] < evals[0]["val_loss"] < 4.2
+    assert "sample" in evals[0] and evals[0]["val_ppl"] == pytest.approx(np.exp(evals[0]["val_loss"]), rel=1e-4)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.8
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "loss.png", "run_config.json"):
+        assert (out / name).is_file(), name
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["train"]["max_steps"] == 24 and run["model"]["n_layer"] == 1 and run["pretrain"]["char"] is True
+    # keep-last 1 plus the best (step 24 is both)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000024"]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "ROMEO:", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip()  # the text itself is the model's choice
+
+
+def test_pretrain_mlm_reports_masked_accuracy(tmp_path):
+    out = tmp_path / "mlm"
+    assert main(["pretrain", "--data", str(SHAKESPEARE), "--out", str(out), "--objective", "mlm", "--vocab-size", "300",
+                 "--block-size", "32", "--batch-size", "8", "--max-steps", "8", "--eval-every", "4", "--eval-steps",
+                 "2", "--lr", "2e-3", "--warmup-steps", "2", "--no-progress", "--log-every", "4"]) == 0
+    evals = [r for r in metrics(out) if "val_loss" in r]
+    assert len(evals) == 2 and 0 <= evals[-1]["val_accuracy"] <= 1 and "sample" not in evals[-1]
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["llmkit"]["causal"] is False and hf["vocab_size"] == 300
+
+
+def test_yaml_config_with_flags_winning(tmp_path):
+    out = tmp_path / "y"
+    (tmp_path / "run.yaml").write_text(f"data: {SHAKESPEARE}\nout: {out}\nmax-steps: 50\nbatch_size: 4\n")
+    flags = [*TINY, "--max-steps", "3", "--eval-every", "0"]
+    assert main(["pretrain", "--config", str(tmp_path / "run.yaml"), *flags]) == 0
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["train"]["max_steps"] == 3 and run["pretrain"]["batch_size"] == 8  # TINY's --batch-size 8 wins too
+    (tmp_path / "bad.yaml").write_text("data: x.txt\nout: o\nlearning_rate: 1\n")
+    assert main(["pretrain", "--config", str(tmp_path / "bad.yaml")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resuming
+
+
+def _tiny_run(out, max_steps, resume=False, crash_at=None, seed_model=0):
+    torch.manual_seed(seed_model)
+    model = Transformer(preset("llama-tiny", vocab_size=64, n_layer=1, dropout=0.1))  # dropout: RNG must resume too
+    tokens = np.random.default_rng(0).integers(0, 64, 5000).astype(np.uint16)
+    calls = {"n": 0}
+
+    def loss_fn(m, batch):
+        calls["n"] += m.training  # training batches only (evaluation calls it too)
+        if crash_at and calls["n"] == crash_at:
+            raise RuntimeError("simulated crash")
+        return clm_loss(m, batch)
+
+    cfg = TrainConfig(max_steps=max_steps, lr=3e-3, warmup_steps=3, save_every=4, eval_every=4, eval_steps=2,
+                      log_every=1, out=str(out), resume=resume, progress=False, keep_last=2)
+    val = BlockLoader(tokens[:600], 16, 4, shuffle=False)
+    return train(model, BlockLoader(tokens, 16, 4, seed=1), loss_fn, cfg, val_data=val)
+
+
+def test_resume_after_crash_reproduces_the_uninterrupted_run(tmp_path):
+    _tiny_run(tmp_path / "a", 14)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _tiny_run(tmp_path / "b", 14, crash_at=11)  # dies during step 11, after the step-8 checkpoint
+    assert [r["step"] for r in metrics(tmp_path / "b")][-1] == 10
+    _tiny_run(tmp_path / "b", 14, resume=True, seed_model=123)  # weights come from the checkpoint, not the seed
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert [r.get("val_loss") for r in metrics(tmp_path / "b")] == [r.get("val_loss") for r in metrics(tmp_path / "a")]
+
+
+def test_kill_9_then_resume_matches(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = ["--max-steps", "40", "--save-every", "5", "--eval-every", "0", "--dropout", "0.1"]
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit", "pretrain", "--data", str(SHAKESPEARE), "--out",
+                             str(killed), *TINY, *args], cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (killed / "checkpoints" / "step-000005").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_done = [r["step"] for r in metrics(killed)][-1]
+    assert steps_done < 40, "the run finished before it could be killed"
+    assert pretrain(killed, *args, "--resume") == 0
+    assert pretrain(full, *args) == 0
+    assert losses(killed) == losses(full)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, earlier checkpoints untouched
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_bad_input_is_one_clear_line(tmp_path, capsys):
+    def fails(*args, expect):
+        assert main(["pretrain", *args]) == 2
+        err = capsys.readouterr().err.strip()  # progress lines may come first; the error is one last line
+        assert expect in err.splitlines()[-1] and "Traceback" not in err, err
+
+    out = tmp_path / "o"
+    fails("--data", str(tmp_path / "nope.txt"), "--out", str(out), expect="not found")
+    (tmp_path / "empty.txt").write_text("")
+    fails("--data", str(tmp_path / "empty.txt"), "--out", str(out), expect="is empty")
+    (tmp_path / "short.txt").write_text("too short")
+    fails("--data", str(tmp_path / "short.txt"), "--out", str(out), "--char", "--block-size", "64",
+          expect="fewer than one block")
+    (tmp_path / "cfg.json").write_text(json.dumps({**preset("llama-tiny").to_dict(), "vocab_size": 16}))
+    fails("--data", str(SHAKESPEARE), "--out", str(out), "--char", "--model-config", str(tmp_path / "cfg.json"),
+          expect="vocab_size 16")
+    fails("--data", str(SHAKESPEARE), "--out", str(tmp_path / "fresh"), "--resume", expect="no checkpoint")
+
+    run = tmp_path / "run"
+    assert pretrain(run, "--max-steps", "2", "--eval-every", "0") == 0
+    before = _digest(run / "checkpoints")
+    capsys.readouterr()
+    fails("--data", str(SHAKESPEARE), "--out", str(run), *TINY, "--max-steps", "4", expect="--resume")
+    fails("--data", str(SHAKESPEARE), "--out", str(run), *TINY, "--n-layer", "2", "--max-steps", "4", "--resume",
+          expect="different model config (n_layer)")
+    assert _digest(run / "checkpoints") == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed
+
+
+def test_ddp_two_cpu_processes_match_one(tmp_path):
+    common = ["--max-steps", "6", "--eval-every", "0", "--grad-clip", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # free port
+    r = subprocess.run([*launcher,
+                        "-m", "llmkit", "pretrain", "--data", str(SHAKESPEARE), "--out", str(tmp_path / "ddp"),
+                        *TINY, *common, "--batch-size", "4"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert pretrain(tmp_path / "one", *common) == 0  # batch 8 in one process = 2 x 4
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "ddp")
+    assert [s for s, _ in one] == [s for s, _ in two]
+    assert np.allclose([l for _, l in one], [l for _, l in two], atol=2e-5)
+    run = json.loads((tmp_path / "ddp" / "run_config.json").read_text())
+    assert run["world_size"] == 2
