@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--model-config", default="llama-tiny", help="preset whose family (block layout) is used")
     ap.add_argument("--max-steps", type=int, default=2000)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--sample-tokens", type=int, default=200, help="greedy sample length at each evaluation")
     ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "pretrain_shakespeare.json"))
     args = ap.parse_args()
     if not Path(args.data).is_file():
@@ -56,11 +57,11 @@ def main():
 
     peak = matmul_peak()
     tc = TrainConfig(max_steps=args.max_steps, lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, weight_decay=0.1,
-                     grad_clip=1.0, eval_every=0, eval_steps=1000, log_every=100, seed=1337, compile=args.compile,
+                     grad_clip=1.0, eval_every=250, eval_steps=20, log_every=100, seed=1337, compile=args.compile,
                      progress=sys.stderr.isatty())
     pc = PretrainConfig(data=[args.data], out=out, model_config=args.model_config, char=True, val_fraction=0.1,
                         block_size=64, batch_size=12, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
-                        sample_tokens=200, train=tc)
+                        sample_tokens=args.sample_tokens, train=tc)
     t0 = time.time()
     res = pretrain(pc)
     wall = time.time() - t0
@@ -71,6 +72,8 @@ def main():
     L, C, T = cfg["n_layer"], cfg["n_embd"], 64
     flops_per_token = 6 * n_params + 12 * L * C * T  # PaLM appendix B, as nanoGPT's estimate_mfu
     tok_s = res["tokens"] / train_time
+    # validation is estimated on 20 batches every 250 steps, as nanoGPT's CPU run does (--eval_iters=20)
+    hit = next((r for r in rows if r.get("val_loss", 9e9) <= 1.88), None)
     result = {
         "name": "pretrain_shakespeare",
         "val_loss": round(res["val_loss"], 4),
@@ -78,6 +81,9 @@ def main():
         "train_seconds": round(train_time, 1),
         "wall_seconds": round(wall, 1),
         "target_seconds": 70,
+        "step_at_target": hit and hit["step"],
+        "seconds_to_target": hit and hit["time"],
+        "val_curve": [[r["step"], r["time"], r["val_loss"]] for r in rows if "val_loss" in r],
         "steps": res["step"],
         "tokens": res["tokens"],
         "tokens_per_s": round(tok_s),
