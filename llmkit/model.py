@@ -5,6 +5,7 @@ folders load without renaming; checkpoint.py maps GPT-2 and BERT names onto thes
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager, nullcontext
 
@@ -66,13 +67,19 @@ class KVCache:
     def batch_size(self) -> int:
         return len(self.length)
 
+    def select(self, rows) -> "KVCache":
+        """A new cache whose row j copies row rows[j] (e.g. one prompt shared by several continuations)."""
+        idx = torch.as_tensor(rows, device=self.valid.device)
+        out = copy.copy(self)
+        out.k = [k.index_select(0, idx) for k in self.k]
+        out.v = [v.index_select(0, idx) for v in self.v]
+        out.valid, out.n_tokens = self.valid.index_select(0, idx), self.n_tokens.index_select(0, idx)
+        out.length = [self.length[r] for r in idx.tolist()]
+        return out
+
     def keep_rows(self, rows: list[int]):
         """Keep only these rows (finished ones leave the batch, so later steps compute only running rows)."""
-        idx = torch.tensor(rows, device=self.valid.device)
-        self.k = [k.index_select(0, idx) for k in self.k]
-        self.v = [v.index_select(0, idx) for v in self.v]
-        self.valid, self.n_tokens = self.valid.index_select(0, idx), self.n_tokens.index_select(0, idx)
-        self.length = [self.length[r] for r in rows]
+        self.__dict__.update(self.select(rows).__dict__)
 
     def reset_rows(self, rows: list[int]):
         """Empty the given rows so new sequences can take them (continuous batching)."""

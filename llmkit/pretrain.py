@@ -146,7 +146,7 @@ def resolve_model_config(pc: PretrainConfig, tok) -> ModelConfig:
     if pc.n_head is not None and pc.n_kv_head is None and (pc.n_head % cfg.n_kv_head):
         overrides["n_kv_head"] = pc.n_head
     if pc.objective == "mlm" and cfg.causal:
-        raise ValueError(f"--objective mlm needs a bidirectional model (causal: false), e.g. --model-config bert-tiny")
+        raise ValueError("--objective mlm needs a bidirectional model (causal: false), e.g. --model-config bert-tiny")
     ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
     overrides.update({k: (-1 if v is None else v) for k, v in ids.items()})
     block = pc.block_size or min(256, cfg.max_position_embeddings)
