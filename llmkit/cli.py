@@ -189,8 +189,10 @@ def add_convert(sub):
     p = sub.add_parser("convert", help="GGUF file or HF folder in, model folder out")
     p.add_argument("src", help="a .gguf file, a model folder, or 'default'")
     p.add_argument("out", help="output folder")
-    p.add_argument("--to", default="hf", choices=["hf", "llmkit"], help="output format (llmkit's folder is HF's layout)")
+    p.add_argument("--to", default="hf", choices=["hf", "llmkit", "gguf"],
+                   help="output format (llmkit's folder is HF's layout; gguf writes one llama.cpp file, OUT)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (with --to gguf)")
 
 
 def cmd_convert(args):
@@ -199,6 +201,15 @@ def cmd_convert(args):
     from llmkit.checkpoint import export_hf, load_model
 
     out = Path(args.out)
+    if args.to == "gguf":
+        from llmkit.gguf_export import export_gguf
+
+        if out.exists():
+            raise ValueError(f"{out} already exists; choose a new output file")
+        lm = load_model(args.src, dtype="float32")
+        export_gguf(lm, out, quant=args.quant)
+        print(f"wrote {out} ({args.quant.upper()}, {out.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
+        return 0
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new output folder")
     lm = load_model(args.src, dtype="float32")
@@ -207,9 +218,381 @@ def cmd_convert(args):
     return 0
 
 
+def add_merge(sub):
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model: a plain model folder out")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output model folder (must be new or empty)")
+    p.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights")
+
+
+def cmd_merge(args):
+    from llmkit.lora import merge_adapter
+
+    out = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# serve
+
+
+def add_serve(sub):
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching, and a web chat at /")
+    p.add_argument("--model", action="append", default=None, help="model to serve: 'default', a folder, a .gguf, "
+                   "or NAME=PATH; repeat to serve several by name (default: default)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, "
+                     "/detokenize and /metrics")
+    key.add_argument("--api-key-file", default=None, help="read the API key from this file (keeps it out of ps)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
+    p.add_argument("--max-tokens-cap", type=int, default=4096, help="most new tokens one request may ask for")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
+                   "(repeatable)")
+
+
+def serve_config(args):
+    """ServeConfig from the parsed `serve` flags."""
+    from pathlib import Path
+
+    from llmkit.server import ServeConfig
+
+    models = {}
+    for spec in args.model or ["default"]:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).stem or spec, spec
+        if name in models:
+            raise ValueError(f"model name {name!r} given twice; use NAME=PATH to tell them apart")
+        models[name] = path
+    key = args.api_key
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise ValueError(f"{args.api_key_file} is empty; put the API key in it")
+    if args.max_batch < 1 or args.max_queue < 0 or args.max_tokens_cap < 1:
+        raise ValueError("--max-batch and --max-tokens-cap must be >= 1 and --max-queue >= 0")
+    return ServeConfig(models=models, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch,
+                       max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, cors_origins=args.cors_origin,
+                       dtype=args.dtype, device=_device(args))
+
+
+def cmd_serve(args):
+    from llmkit.server import serve
+
+    serve(serve_config(args))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer train / pretrain
+
+
+def add_tokenizer(sub):
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
+    t = tsub.add_parser("train", help="train a byte-level BPE (or character) tokenizer on text files")
+    t.add_argument("files", nargs="+", help=".txt/.jsonl/.json/.csv/.tsv/.parquet files")
+    t.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size, special tokens included")
+    t.add_argument("--out", required=True, help="folder for tokenizer.json + tokenizer_config.json")
+    t.add_argument("--char", action="store_true", help="character-level vocabulary instead of byte-level BPE")
+    t.add_argument("--text-field", default="text", help="field/column holding the text in json/csv/parquet files")
+    t.set_defaults(handler=cmd_tokenizer_train)
+
+
+def cmd_tokenizer_train(args):
+    from llmkit.tokenizer_train import describe, train_tokenizer
+
+    tok = train_tokenizer(args.files, args.vocab_size, args.out, char=args.char, text_field=args.text_field)
+    print(describe(tok, args.files, args.out))
+
+
+def add_pretrain(sub):
+    # defaults live in PretrainConfig/TrainConfig: None here means "not given", so --config YAML can fill it
+    p = sub.add_parser("pretrain", help="pretrain a causal (GPT-style) or masked (BERT-style) LM from text")
+    a = p.add_argument
+    a("--data", nargs="+", help="training text files (.txt/.jsonl/.json/.csv/.tsv/.parquet)")
+    a("--out", help="output model folder (checkpoints/, metrics.jsonl, loss.png inside)")
+    a("--config", help="YAML file of flags (keys as flag names); command-line flags win")
+    a("--model-config", help="preset name or config.json (default: llama-tiny for clm, bert-tiny for mlm)")
+    a("--tokenizer", help="tokenizer folder (default: train one on --data, saved in --out)")
+    a("--vocab-size", type=int, help="vocabulary of a tokenizer trained here (default 4096)")
+    a("--char", action="store_true", default=None, help="train a character-level tokenizer here")
+    a("--objective", choices=["clm", "mlm"], help="clm: next-token prediction (default); mlm: BERT masking")
+    a("--val-data", nargs="+", help="validation files (default: the last --val-fraction of --data)")
+    a("--val-fraction", type=float, help="validation share of the token stream (default 0.1)")
+    a("--text-field", help="field/column holding the text (default: text)")
+    a("--lines", action="store_true", default=None, help=".txt files hold one document per line")
+    a("--block-size", type=int, help="tokens per sequence (default min(256, max positions))")
+    a("--batch-size", type=int, help="sequences per process per micro-step (default 16)")
+    a("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
+    a("--max-steps", type=int, help="optimizer steps, also the cosine schedule length (default 1000)")
+    a("--max-tokens", type=int, help="train on this many tokens (sets --max-steps)")
+    a("--max-time", type=float, help="stop after this many seconds")
+    a("--lr", type=float, help="peak learning rate (default 3e-4)")
+    a("--min-lr", type=float, help="final learning rate of the cosine decay (default lr/10)")
+    a("--warmup-steps", type=int, help="linear warmup steps (default 100)")
+    a("--weight-decay", type=float, help="AdamW weight decay on >= 2-D weights (default 0.1)")
+    a("--beta2", type=float, help="AdamW beta2 (default 0.95)")
+    a("--grad-clip", type=float, help="gradient norm clip, 0 = off (default 1.0)")
+    a("--dropout", type=float, help="dropout (default: the model config's)")
+    a("--n-layer", type=int, help="override the config's number of layers")
+    a("--n-head", type=int, help="override the number of attention heads")
+    a("--n-kv-head", type=int, help="override the number of key/value heads")
+    a("--n-embd", type=int, help="override the width")
+    a("--eval-every", type=int, help="evaluate every N steps (default 250)")
+    a("--eval-steps", type=int, help="validation batches per evaluation (default 20)")
+    a("--log-every", type=int, help="log train loss every N steps (default 10)")
+    a("--save-every", type=int, help="checkpoint every N steps (default: only at the end)")
+    a("--keep-last", type=int, help="checkpoints to keep besides the best (default 2)")
+    a("--seed", type=int, help="random seed (default 0)")
+    a("--device", help="cpu, cuda ... (default: cuda when available)")
+    a("--dtype", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 only on GPUs with it)")
+    a("--compile", action="store_true", default=None, help="torch.compile the model")
+    a("--fsdp", action="store_true", default=None, help="shard with FSDP2 (under torchrun) instead of DDP")
+    a("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
+    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def cmd_pretrain(args):
+    from llmkit.pretrain import config_from_flags, pretrain
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
+    pretrain(config_from_flags(flags))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval / lm-eval
+
+
+def add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate a model: perplexity, choice, generate, classify (JSON + markdown table)")
+    esub = p.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
+
+    def common(q, batch_size):
+        _model_flags(q)
+        q.add_argument("--data", required=True, help="data file")
+        q.add_argument("--out", default=None, help="write the results JSON here (plots go beside it)")
+        q.add_argument("--limit", type=int, default=None, help="first N records (perplexity: first N lines)")
+        q.add_argument("--batch-size", type=int, default=batch_size, help="rows per forward pass")
+        q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    q = esub.add_parser("perplexity", help="rolling-window perplexity, bits per byte (lm-eval wikitext semantics)")
+    common(q, 8)
+    q.add_argument("--context", type=int, default=None, help="window length in tokens (default: the model's)")
+    q.add_argument("--stride", type=int, default=None, help="tokens scored per window after the first (default: "
+                   "--context, i.e. disjoint windows exactly as lm-eval)")
+    q.set_defaults(handler=cmd_eval_perplexity)
+
+    q = esub.add_parser("choice", help="multiple choice over {query, choices, label} JSONL (lm-eval multiple_choice)")
+    common(q, 32)
+    q.add_argument("--num-fewshot", type=int, default=0, help="solved examples drawn from the same file")
+    q.add_argument("--query-field", default="query")
+    q.add_argument("--choices-field", default="choices")
+    q.add_argument("--label-field", default="label", help="0-based index of the right choice")
+    q.set_defaults(handler=cmd_eval_choice)
+
+    q = esub.add_parser("generate", help="generate for prompts and score BLEU, chrF, ROUGE, exact match")
+    common(q, 16)
+    _sampling_flags(q)
+    q.set_defaults(max_new_tokens=128)
+    q.add_argument("--prompt-field", default="prompt")
+    q.add_argument("--reference-field", default="reference", help="a string or a list of strings "
+                   "('references' is also accepted)")
+    q.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    q.set_defaults(handler=cmd_eval_generate)
+
+    q = esub.add_parser("classify", help="accuracy, P/R/F1, confusion matrix, calibration of a classifier")
+    common(q, 32)
+    q.add_argument("--text-field", default="text")
+    q.add_argument("--label-field", default="label", help="label index or label name")
+    q.set_defaults(handler=cmd_eval_classify)
+
+
+def _eval_finish(args, res):
+    from llmkit.evaluate import markdown_table, write_results
+
+    if args.out:
+        write_results(args.out, res)
+        print(f"[wrote {args.out}]", file=sys.stderr)
+    for key in ("bleu_signature", "chrf_signature"):
+        if key in res:
+            print(f"{key.split('_')[0]}: {res[key]}")
+    size = f"{res['n_tokens']} tokens" if "n_tokens" in res else f"{res['n']} items"
+    print(f"{res['task']} on {res['data']} ({size}, {res['seconds']:.1f} s)")
+    print(markdown_table(res))
+    return 0
+
+
+def _plot_path(args, name):
+    from pathlib import Path
+
+    if not args.out:
+        return None
+    out = Path(args.out)
+    return out.with_name(f"{out.stem}.{name}.png")
+
+
+def cmd_eval_perplexity(args):
+    from llmkit.evaluate import evaluate_perplexity, read_text
+
+    read_text(args.data)  # bad data fails before the model loads
+    res = evaluate_perplexity(_load(args), args.data, context=args.context, stride=args.stride,
+                              batch_size=args.batch_size, limit=args.limit, progress=args.progress)
+    return _eval_finish(args, res)
+
+
+def cmd_eval_choice(args):
+    from llmkit.evaluate import evaluate_choice, load_choice_records
+
+    load_choice_records(args.data, args.query_field, args.choices_field, args.label_field)  # fail before loading
+    res = evaluate_choice(_load(args), args.data, args.query_field, args.choices_field, args.label_field,
+                          num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                          progress=args.progress, plot=_plot_path(args, "reliability"))
+    return _eval_finish(args, res)
+
+
+def cmd_eval_generate(args):
+    from llmkit.evaluate import evaluate_generate, load_generate_records
+
+    load_generate_records(args.data, args.prompt_field, args.reference_field)  # fail before loading
+    res = evaluate_generate(_load(args), args.data, _params(args), args.prompt_field, args.reference_field,
+                            chat=args.chat, limit=args.limit, batch_size=args.batch_size, progress=args.progress)
+    return _eval_finish(args, res)
+
+
+def cmd_eval_classify(args):
+    from llmkit.evaluate import evaluate_classify, read_text
+
+    read_text(args.data)  # a missing, empty or non-UTF-8 file fails before loading
+    plots = None
+    if args.out:
+        from pathlib import Path
+
+        plots = str(Path(args.out).with_suffix("")) + "_plots"
+    res = evaluate_classify(_load(args), args.data, args.text_field, args.label_field, limit=args.limit,
+                            batch_size=args.batch_size, progress=args.progress, plots=plots)
+    return _eval_finish(args, res)
+
+
+def add_lm_eval(sub):
+    # prefix_chars that never occur: every argument, --help included, goes through untouched to lm-eval
+    p = sub.add_parser("lm-eval", help="run lm-evaluation-harness with llmkit registered as `--model llmkit`",
+                       add_help=False, prefix_chars="\x00")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="lm-eval's own arguments")
+    p.set_defaults(handler=cmd_lm_eval)
+
+
+def cmd_lm_eval(args):
+    from llmkit.lm_eval_model import main as lm_eval_main
+
+    return lm_eval_main(args.args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finetune / classify
+
+
+def add_finetune(sub):
+    p = sub.add_parser("finetune", help="fine-tune a model (full or LoRA) for chat, instruct, classify or text")
+    a = p.add_argument
+    _model_flags(p)
+    a("--data", required=True, help="chat JSONL ({messages}), Alpaca JSON/JSONL, CSV/TSV/JSONL (text, label) or .txt")
+    a("--out", required=True, help="output folder (adapter or model, checkpoints/, metrics.jsonl, loss.png)")
+    a("--val-data", help="validation file (default: hold out --val-fraction of --data)")
+    a("--val-fraction", type=float, default=0.1, help="share of --data held out for validation (default 0.1)")
+    a("--task", choices=["chat", "instruct", "classify", "text"], help="default: detected from the file")
+    a("--method", choices=["lora", "full"], default="lora", help="LoRA adapters (default) or all weights")
+    a("--text-column", help="classify: column with the text (default: text/sentence/...)")
+    a("--label-column", help="classify: column with the label (default: label/labels/...)")
+    a("--lora-r", type=int, default=8, help="LoRA rank")
+    a("--lora-alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / r)")
+    a("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    a("--lora-targets", default="q,k,v,o", help="comma-separated: q,k,v,o,gate,up,down or all")
+    a("--lora-layers", type=int, default=None, help="adapters on the top N blocks only (faster backward)")
+    a("--epochs", type=float, default=None, help="passes over the training data (sets --max-steps)")
+    a("--max-steps", type=int, default=None, help="optimizer steps (default: 1 epoch)")
+    a("--max-time", type=float, default=None, help="stop after this many seconds")
+    a("--batch-size", type=int, default=8, help="examples per micro-step")
+    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--lr", type=float, default=None, help="peak learning rate (default 2e-4 for LoRA, 2e-5 for full)")
+    a("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 3%% of the steps)")
+    a("--max-length", type=int, default=512, help="tokens per example, at most the model's context; longer ones are truncated (counted)")
+    a("--eval-every", type=int, default=100, help="validate every N steps")
+    a("--save-every", type=int, default=0, help="checkpoint every N steps (default: only at the end)")
+    a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    a("--seed", type=int, default=0, help="random seed")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def cmd_finetune(args):
+    from llmkit.finetune import FinetuneConfig, finetune
+    from llmkit.train import TrainConfig
+
+    targets = [t for t in args.lora_targets.split(",") if t.strip()]
+    fc = FinetuneConfig(data=args.data, out=args.out, model=args.model, task=args.task, method=args.method,
+                        val_data=args.val_data, val_fraction=args.val_fraction, max_length=args.max_length,
+                        batch_size=args.batch_size, text_column=args.text_column, label_column=args.label_column,
+                        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        lora_targets=targets, lora_layers=args.lora_layers, seed=args.seed, device=_device(args))
+    lr = args.lr if args.lr is not None else (2e-4 if args.method == "lora" else 2e-5)
+    tc = TrainConfig(max_steps=args.max_steps or 0, max_time=args.max_time, lr=lr,
+                     warmup_steps=args.warmup_steps if args.warmup_steps is not None else -1, weight_decay=0.0,
+                     grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
+                     seed=args.seed, device=_device(args), dtype=args.dtype or "auto", out=args.out,
+                     resume=args.resume, progress=args.progress)
+    res = finetune(fc, tc, epochs=args.epochs)
+    keys = ("step", "train_loss", "val_loss", "val_acc", "val_accuracy", "val_macro_f1")
+    print(" ".join(f"{k} {res[k]:.4g}" if isinstance(res[k], float) else f"{k} {res[k]}" for k in keys if k in res))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_classify(sub):
+    p = sub.add_parser("classify", help="label texts with a fine-tuned classifier (label and probability per line)")
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    _model_flags(p)
+    p.add_argument("--input", help="file with one text per line ('-' reads stdin)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line: text, label, probability, probs")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per text (longer ones are cut)")
+
+
+def cmd_classify(args):
+    import json
+
+    texts = list(args.texts)
+    if args.input:
+        src = sys.stdin.read() if args.input == "-" else open(args.input, encoding="utf-8").read()
+        texts += [line for line in src.splitlines() if line.strip()]
+    if not texts:
+        raise ValueError("nothing to classify: give texts as arguments or --input FILE")
+    lm = _load(args)
+    from llmkit.finetune import predict_proba
+
+    probs = predict_proba(lm.model, lm.tokenizer, texts, args.max_length, args.batch_size)
+    names = [lm.config.id2label.get(str(i), str(i)) for i in range(lm.config.num_labels)]
+    for text, p in zip(texts, probs.tolist()):
+        best = max(range(len(p)), key=p.__getitem__)
+        if args.json:
+            print(json.dumps({"text": text, "label": names[best], "probability": round(p[best], 6),
+                              "probs": {n: round(x, 6) for n, x in zip(names, p)}}, ensure_ascii=False))
+        else:
+            print(f"{names[best]}\t{p[best]:.4f}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
-COMMANDS = ["generate", "chat", "info", "convert"]
+COMMANDS = ["generate", "chat", "info", "convert", "merge", "serve", "tokenizer", "pretrain", "eval", "lm-eval",
+            "finetune", "classify"]
 
 
 def build_parser():
