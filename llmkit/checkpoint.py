@@ -363,7 +363,8 @@ def save_model(out_dir, model: Transformer, tokenizer=None, generation_config: d
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     tensors = _to_hf_names(cfg, sd)
     dt = parse_dtype(dtype)
-    tensors = {k: (v.to(dt) if dt is not None and v.is_floating_point() else v).contiguous().cpu()
+    # clone: decode-fused weights are views of one buffer, and safetensors refuses tensors that share memory
+    tensors = {k: (v.to(dt) if dt is not None and v.is_floating_point() else v).cpu().clone()
                for k, v in tensors.items()}
     tmp = out / f".model.safetensors.tmp{os.getpid()}"
     save_file(tensors, str(tmp), metadata={"format": "pt"})

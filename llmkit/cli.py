@@ -191,7 +191,8 @@ def add_convert(sub):
     p.add_argument("out", help="output folder")
     p.add_argument("--to", default="hf", choices=["hf", "llmkit", "gguf"],
                    help="output format (llmkit's folder is HF's layout; gguf writes one llama.cpp file, OUT)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights")
     p.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (with --to gguf)")
 
 
@@ -524,7 +525,8 @@ def add_finetune(sub):
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--lr", type=float, default=None, help="peak learning rate (default 2e-4 for LoRA, 2e-5 for full)")
     a("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 3%% of the steps)")
-    a("--max-length", type=int, default=512, help="tokens per example, at most the model's context; longer ones are truncated (counted)")
+    a("--max-length", type=int, default=512,
+      help="tokens per example, at most the model's context; longer ones are truncated (counted)")
     a("--eval-every", type=int, default=100, help="validate every N steps")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (default: only at the end)")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")

@@ -208,7 +208,7 @@ class Engine:
     """Generates text from a Transformer and its tokenizer: generate (batched), stream and chat."""
 
     def __init__(self, model: Transformer, tokenizer, generation_config: dict | None = None):
-        self.model, self.tok = model.eval(), tokenizer
+        self.model, self.tok = model.eval().fuse_for_decode(), tokenizer  # fused q/k/v, gate/up: faster decode
         self.config = model.config
         self.generation_config = dict(generation_config or {})
         param = next(model.parameters())
