@@ -528,6 +528,8 @@ def add_finetune(sub):
     a("--max-length", type=int, default=512,
       help="tokens per example, at most the model's context; longer ones are truncated (counted)")
     a("--eval-every", type=int, default=100, help="validate every N steps")
+    a("--early-stopping", type=int, default=0, metavar="PATIENCE",
+      help="stop after PATIENCE evaluations without a better validation loss (0: off)")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (default: only at the end)")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     a("--seed", type=int, default=0, help="random seed")
@@ -548,6 +550,7 @@ def cmd_finetune(args):
     tc = TrainConfig(max_steps=args.max_steps or 0, max_time=args.max_time, lr=lr,
                      warmup_steps=args.warmup_steps if args.warmup_steps is not None else -1, weight_decay=0.0,
                      grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
+                     early_stopping=args.early_stopping,
                      seed=args.seed, device=_device(args), dtype=args.dtype or "auto", out=args.out,
                      resume=args.resume, progress=args.progress)
     res = finetune(fc, tc, epochs=args.epochs)

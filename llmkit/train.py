@@ -37,6 +37,7 @@ class TrainConfig:
     grad_accum: int = 1
     eval_every: int = 250  # 0 disables periodic evaluation (the end is still evaluated)
     eval_steps: int = 20
+    early_stopping: int = 0  # stop after this many evaluations without a better val_loss (0: never)
     log_every: int = 10
     save_every: int = 0  # 0: save only at the end
     keep_last: int = 2
@@ -385,8 +386,15 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
                 bar.write(f"step {step}: {msg}" + (f"\n  sample: {last['sample']!r}" if "sample" in last else ""))
             log(last)
             last.pop("sample", None)
-        if out and ((cfg.save_every and step % cfg.save_every == 0) or final):
+        # patience counted from the best step, so a resumed run stops where the uninterrupted one would
+        stale = (cfg.early_stopping and cfg.eval_every and val_data is not None and best_step is not None
+                 and step - best_step >= cfg.early_stopping * cfg.eval_every)
+        if out and ((cfg.save_every and step % cfg.save_every == 0) or final or stale):
             save(step, last.get("val_loss"))
+        if stale and not final:
+            bar.write(f"stopping at step {step}: no better val_loss in {cfg.early_stopping} evaluations "
+                      f"(best {best:.4f} at step {best_step})")
+            break
         if out_of_time:
             bar.write(f"stopping at step {step}: --max-time {cfg.max_time}s reached")
             break

@@ -217,3 +217,20 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     assert np.allclose([l for _, l in one], [l for _, l in two], atol=2e-5)
     run = json.loads((tmp_path / "ddp" / "run_config.json").read_text())
     assert run["world_size"] == 2
+
+
+def test_early_stopping_stops_after_patience_evaluations(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(preset("llama-tiny", vocab_size=64, n_layer=1))
+    tokens = np.random.default_rng(0).integers(0, 64, 5000).astype(np.uint16)
+    val_losses = iter([3.0, 2.0, 2.5, 2.4, 2.6, 2.7, 2.8, 2.9])  # best at the 2nd evaluation (step 4)
+
+    def loss_fn(m, batch):
+        loss = clm_loss(m, batch)
+        return loss if m.training else loss * 0 + next(val_losses)
+
+    cfg = TrainConfig(max_steps=40, lr=1e-3, warmup_steps=2, eval_every=2, eval_steps=1, log_every=1,
+                      early_stopping=2, progress=False)
+    res = train(model, BlockLoader(tokens, 16, 4, seed=1), loss_fn, cfg,
+                val_data=BlockLoader(tokens[:600], 16, 4, shuffle=False))
+    assert res["step"] == 8 and res["best_step"] == 4  # evaluations at 6 and 8 were no better: stop
