@@ -361,7 +361,8 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
         out_of_time = cfg.max_time is not None and elapsed >= cfg.max_time
         final = step >= cfg.max_steps or out_of_time
 
-        if step % cfg.log_every == 0 or step == 1 or final:
+        eval_now = val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or final)
+        if step % cfg.log_every == 0 or step == 1 or final or eval_now:  # an eval row carries its own step and time
             train_loss = loss_sum / cfg.grad_accum
             if world > 1:  # the mean over processes (.item() syncs only on logging steps)
                 dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
@@ -372,9 +373,9 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
             last = {"step": step, "tokens": tokens, "lr": lr, "train_loss": round(train_loss.item(), 6),
                     "tok_per_s": round(tps, 1), "time": round(elapsed, 2)}
             bar.set_postfix(loss=f"{last['train_loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            if not ((cfg.eval_every and step % cfg.eval_every == 0) or final):
+            if not eval_now:
                 log(last)
-        if val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or final):
+        if eval_now:
             ev = evaluate(raw, val_data, loss_fn, cfg.eval_steps, amp, device)
             if ev["val_loss"] < best:
                 best, best_step = ev["val_loss"], step
