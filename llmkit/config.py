@@ -98,7 +98,6 @@ class ModelConfig:
     def num_params(self) -> int:
         """Parameter count implied by the config (tied embeddings counted once)."""
         from llmkit.model import Transformer
-        import torch
 
         return sum(p.numel() for p in Transformer(self, device="meta").parameters())
 
