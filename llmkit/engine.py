@@ -207,12 +207,15 @@ class RequestState:
 class Engine:
     """Generates text from a Transformer and its tokenizer: generate (batched), stream and chat."""
 
-    def __init__(self, model: Transformer, tokenizer, generation_config: dict | None = None):
+    def __init__(self, model: Transformer, tokenizer, generation_config: dict | None = None, compile: bool = False):
+        """compile=True runs decode steps through torch.compile (Transformer.compile_decode)."""
         self.model, self.tok = model.eval().fuse_for_decode(), tokenizer  # fused q/k/v, gate/up: faster decode
+        if compile:
+            model.compile_decode()
         self.config = model.config
         self.generation_config = dict(generation_config or {})
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype = param.device, model.activation_dtype  # hidden states and KV cache
         self.eos_ids = self._eos_ids()
 
     def _eos_ids(self) -> set[int]:

@@ -130,13 +130,12 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
 
 
 def _device_dtype(model):
-    p = next(model.parameters())
-    return p.device, p.dtype
+    return next(model.parameters()).device, model.activation_dtype
 
 
 def _scored_logprobs(model, hidden, targets):
     """LM head on the scored positions only: hidden (P, C), targets (P,) -> log p(target) (P,), greedy (P,) bool."""
-    logp = F.log_softmax(model.lm_head(hidden).float(), dim=-1)  # float32, as lm-eval's softmax_dtype default
+    logp = F.log_softmax(model.logits(hidden).float(), dim=-1)  # float32, as lm-eval's softmax_dtype default
     return logp.gather(-1, targets[:, None])[:, 0], logp.argmax(-1) == targets
 
 
@@ -278,7 +277,7 @@ def rolling_loglikelihood(model, tokens: list[int], prefix: int, context: int, s
                 targets = seq[e - n + 1:e + 1].to(device)
                 ll = 0.0
                 for j in range(0, n, 1024):  # bound the (positions, vocab) logits in memory
-                    logp = F.log_softmax(model.lm_head(h[length - n + j:length - n + j + 1024]).float(), dim=-1)
+                    logp = F.log_softmax(model.logits(h[length - n + j:length - n + j + 1024]).float(), dim=-1)
                     t = targets[j:j + 1024]
                     ll += float(logp.gather(-1, t[:, None]).sum())
                     top, arg = logp.max(-1)  # one pass gives the top-1 probability and the greedy token

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from llmkit.config import ModelConfig
-from llmkit.model import Transformer
+from llmkit.model import Transformer, fused_linear
 
 # --lora-targets short names -> llmkit module names (the last part of layers.N.self_attn.q_proj ...)
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -59,7 +58,8 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        low_rank = fused_linear(fused_linear(self.lora_dropout(x), self.lora_A.weight), self.lora_B.weight)
+        return fused_linear(x, self.weight, self.bias) + low_rank * self.scaling
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear holding W + (alpha / r) B A."""

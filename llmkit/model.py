@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -32,14 +33,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # one fused op; same arithmetic as below
+            return F.rms_norm(x, (x.shape[-1],), self.weight.float(), eps=self.eps)
         # computed in float32 as transformers' LlamaRMSNorm does, then cast back before the weight
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        w, b = self.weight, self.bias
+        if w is not None and w.dtype != x.dtype:  # low-precision weights, float32 activations
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
 
 def make_norm(cfg: ModelConfig, dim: int, device=None) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps, device=device)
-    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias, device=device)
+    return LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,17 +138,28 @@ def apply_rope(x, cos, sin):
 # ---------------------------------------------------------------------------------------------------------------
 # Decode-time matrix-vector products
 #
-# On CPUs, torch's matrix-vector path (a decode step has 1-16 rows) reads weights at about a third of the memory
-# bandwidth and uses one core. Splitting the weight's rows in two halves and running them as a 2-batch bmm uses both
-# halves of the machine and about doubles the rate; fusing q/k/v and gate/up into one buffer each halves the number
-# of calls. benchmarks/generate_speed.py measures the effect against transformers.
+# On CPUs, torch's float32 matrix-vector path (a decode step has 1-16 rows) reads weights at about a third of the
+# memory bandwidth and uses one core. Splitting the weight's rows in two halves and running them as a 2-batch bmm
+# uses both halves of the machine and about doubles the rate; fusing q/k/v and gate/up into one buffer each halves
+# the number of calls.
+#
+# bfloat16/float16 weights on a CPU are a storage format: activations stay float32 (CPUs without native bf16 math
+# emulate it op by op, slowly). One row (batch-1 decode) goes through torch's reduced-precision GEMV, which reads
+# half the bytes and accumulates in float32; more rows upcast the weight and run a float32 GEMM.
+# benchmarks/generate_speed.py measures both against transformers.
 
 SMALL_M = 16  # rows (batch x new tokens) up to which the bmm path is used
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+LOW_PRECISION_GEMV_ROWS = 2  # rows up to which low-precision weights take the GEMV path
 
 
 def fused_linear(x, w, b=None):
     """x (..., K) @ w(N, K).T (+ b), taking the split-bmm path for a few rows."""
     m = x.numel() // x.shape[-1]
+    if w.dtype != x.dtype:  # bfloat16/float16 weights under float32 activations (CPU, see activation_dtype)
+        if m <= LOW_PRECISION_GEMV_ROWS and not torch.is_grad_enabled():
+            return F.linear(x.to(w.dtype), w, b).to(x.dtype)  # torch's GEMV: fp32 accumulation, half the bytes
+        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
     if m > SMALL_M or w.shape[0] % 2 or torch.is_grad_enabled():
         return F.linear(x, w, b)
     n, k = w.shape
@@ -189,17 +211,21 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slots):
         B, T, _ = x.shape
         hd, cfg = self.cfg.head_dim, self.cfg
+        H, Hkv = cfg.n_head, cfg.n_kv_head
         fused = getattr(self, "fused", None)
-        if fused is not None and _still_fused(fused, (self.q_proj, self.k_proj, self.v_proj)):
-            q, k, v = fused_linear(x, *fused).split([cfg.n_head * hd, cfg.n_kv_head * hd, cfg.n_kv_head * hd], -1)
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        if fused is not None and (torch.compiler.is_compiling() or _still_fused(fused, linears)):
+            qkv = fused_linear(x, *fused).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+            qk, v = qkv.split([H + Hkv, Hkv], 1)
+            if rope is not None:  # queries and keys rotated in one go
+                qk = apply_rope(qk, *rope).to(v.dtype)
+            q, k = qk.split([H, Hkv], 1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, cfg.n_head, hd).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, cfg.n_kv_head, hd).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, cfg.n_kv_head, hd).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+            q = _linear(self.q_proj, x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, D)
+            k = _linear(self.k_proj, x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, D)
+            v = _linear(self.v_proj, x).view(B, T, Hkv, hd).transpose(1, 2)
+            if rope is not None:
+                q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
         if cache is not None:
             k, v = self._write_cache(cache, layer, k, v, slots)
         is_causal = mask is None and cfg.causal and T > 1
@@ -244,10 +270,10 @@ class MLP(nn.Module):
         if not self.swiglu:
             return _linear(self.down_proj, self.act(_linear(self.up_proj, x)))
         fused = getattr(self, "fused", None)
-        if fused is not None and _still_fused(fused, (self.gate_proj, self.up_proj)):
+        if fused is not None and (torch.compiler.is_compiling() or _still_fused(fused, (self.gate_proj, self.up_proj))):
             gate, up = fused_linear(x, *fused).chunk(2, -1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = _linear(self.gate_proj, x), _linear(self.up_proj, x)
         return _linear(self.down_proj, self.act(gate) * up)
 
 
@@ -266,12 +292,17 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, cache, layer, slots):
+        drop = self.drop if self.training and self.drop.p > 0 else _identity
         if self.pre_norm:
-            x = x + self.drop(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, slots))
-            return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+            x = x + drop(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, slots))
+            return x + drop(self.mlp(self.post_attention_layernorm(x)))
         # post-norm (original Transformer / BERT)
-        x = self.input_layernorm(x + self.drop(self.self_attn(x, rope, mask, cache, layer, slots)))
-        return self.post_attention_layernorm(x + self.drop(self.mlp(x)))
+        x = self.input_layernorm(x + drop(self.self_attn(x, rope, mask, cache, layer, slots)))
+        return self.post_attention_layernorm(x + drop(self.mlp(x)))
+
+
+def _identity(x):
+    return x
 
 
 @contextmanager
@@ -295,6 +326,7 @@ class Transformer(nn.Module):
         """device="meta" builds the structure without memory or init (checkpoint loading fills it)."""
         super().__init__()
         self.config = cfg
+        self._compiled_layers = None  # see compile_decode
         with _no_init() if str(device) == "meta" else nullcontext():
             self._build(cfg, device)
 
@@ -348,6 +380,12 @@ class Transformer(nn.Module):
                 layer.mlp.fuse()
         return self
 
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """dtype of hidden states and of the KV cache: the weights' own, but float32 for bf16/fp16 weights on a CPU."""
+        w = self.embed_tokens.weight
+        return torch.float32 if w.device.type == "cpu" and w.dtype in LOW_PRECISION else w.dtype
+
     def tie_weights(self):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -379,7 +417,7 @@ class Transformer(nn.Module):
             else:
                 positions = torch.arange(T, device=dev).expand(B, T)
 
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids).to(self.activation_dtype)
         if cfg.position == "learned":
             x = x + self.embed_positions(positions)
         if cfg.type_vocab_size:
@@ -390,11 +428,11 @@ class Transformer(nn.Module):
         x = self.drop(x)
         rope = None
         if cfg.position == "rope":
-            rope = (self.rope_cos[positions].unsqueeze(1).to(x.dtype), self.rope_sin[positions].unsqueeze(1).to(x.dtype))
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache, i, slots)
-        if cfg.final_norm:
-            x = self.norm(x)
+            rope = tuple(t[positions].unsqueeze(1).to(x.dtype) for t in (self.rope_cos, self.rope_sin))
+        if mask is True and self._compiled_layers is not None and self._fusion_intact():
+            x = self._compiled_step(x, rope, cache, slots)
+        else:
+            x = self._layers(x, rope, mask, cache, slots)
         if cache is not None:
             self._cache_advance(cache, real, B, T, slots)
 
@@ -405,15 +443,57 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         if cfg.mlm_transform:
-            x = self.mlm_norm(activation(cfg.activation)(self.mlm_dense(x)))
+            x = self.mlm_norm(activation(cfg.activation)(_linear(self.mlm_dense, x)))
         return _linear(self.lm_head, x)
+
+    def logits(self, hidden):
+        """LM head on hidden states (B, ..., C) from head="hidden" (decoders without an MLM transform)."""
+        return _linear(self.lm_head, hidden)
+
+    def _layers(self, x, rope, mask, cache, slots):
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, i, slots)
+        return self.norm(x) if self.config.final_norm else x
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Compiled decode steps
+    #
+    # In eager mode a one-token step runs ~50 small ops per layer, a few microseconds each: on a CPU that is about a
+    # third of a batch-1 step of the default model. torch.compile (inductor) fuses them; matrix products stay torch's.
+    # Only steps that need no mask (decode without padding, every row at the same length) take this path, with
+    # dynamic shapes so that growing caches and other batch sizes reuse one compiled graph.
+
+    def compile_decode(self):
+        """Run one-token decode steps through torch.compile; the first step compiles (tens of seconds, then cached)."""
+        self.fuse_for_decode()
+        self._compiled_layers = torch.compile(self._layers, dynamic=True)
+        return self
+
+    def _compiled_step(self, x, rope, cache, slots):
+        try:
+            return self._compiled_layers(x, rope, True, cache, slots)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            # no C++ compiler, an unsupported op...: nothing ran yet, so continue in eager mode
+            warnings.warn(f"torch.compile failed, decoding in eager mode instead: {str(e).splitlines()[0]}")
+            self._compiled_layers = None
+            return self._layers(x, rope, True, cache, slots)
+
+    def _fusion_intact(self) -> bool:
+        # the compiled graph reads the fused buffers without checking them: take it only while they are current
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            if getattr(a, "fused", None) is not None and not _still_fused(a.fused, (a.q_proj, a.k_proj, a.v_proj)):
+                return False
+            if getattr(m, "fused", None) is not None and not _still_fused(m.fused, (m.gate_proj, m.up_proj)):
+                return False
+        return True
 
     def classify(self, x, input_ids, real):
         """Sequence classification logits from hidden states: [CLS] + pooler for encoders, last real token otherwise."""
         cfg = self.config
         if cfg.pooler:
-            pooled = torch.tanh(self.pooler(x[:, 0]))
-            return self.score(self.drop(pooled))
+            pooled = torch.tanh(_linear(self.pooler, x[:, 0]))
+            return _linear(self.score, self.drop(pooled))
         if real is None and cfg.pad_token_id >= 0:
             real = input_ids != cfg.pad_token_id
         if real is None:
@@ -421,7 +501,7 @@ class Transformer(nn.Module):
         else:  # last real token; works for left and right padding alike
             idx = torch.arange(x.shape[1], device=x.device)
             last = torch.where(real, idx, -1).max(-1).values.clamp(min=0)
-        return self.score(x[torch.arange(x.shape[0], device=x.device), last])
+        return _linear(self.score, x[torch.arange(x.shape[0], device=x.device), last])
 
     # -----------------------------------------------------------------------------------------------------------
     def _cache_step(self, cache: KVCache, real, B, T, dev):

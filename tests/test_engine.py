@@ -115,6 +115,43 @@ def test_bfloat16_model_generates(tok):
     assert all(0 <= t < tok.vocab_size for c in out for t in c.token_ids)
 
 
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "bert-tiny"])
+def test_bfloat16_weights_on_cpu_compute_in_float32(name):
+    """bf16 weights on a CPU are storage: activations stay float32, so outputs match a float32 model holding the
+    same (bf16-rounded) weights, up to the rounding of each matrix product's input."""
+    torch.manual_seed(0)
+    cfg = preset(name, vocab_size=97, **({"num_labels": 3} if name == "bert-tiny" else {}))
+    bf = Transformer(cfg).to(torch.bfloat16).eval()
+    fp = Transformer(cfg).eval()
+    fp.load_state_dict({k: v.float() for k, v in bf.state_dict().items()})
+    ids = torch.randint(0, 97, (2, 9))
+    head = "classify" if name == "bert-tiny" else "lm"
+    with torch.inference_mode():
+        a, b = bf(ids, head=head), fp(ids, head=head)
+    assert bf.activation_dtype == torch.float32 and a.dtype == torch.float32
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_bfloat16_decode_equals_full_forward(tok):
+    model = random_model(tok.vocab_size, dtype=torch.bfloat16)
+    prompt = tok.encode("The quick brown fox")
+    got = Engine(model, tok).generate([prompt], GREEDY)[0]  # one-row decode steps: the bf16 GEMV path
+    want, _ = full_forward_greedy(model, prompt, 12)  # many rows: upcast weights, float32 GEMM
+    assert got.token_ids == want
+
+
+def test_compiled_decode_equals_eager(tok):
+    """Engine(compile=True): the same greedy tokens as eager decoding, alone and in a batch of equal lengths."""
+    eager = Engine(random_model(tok.vocab_size), tok)
+    compiled = Engine(random_model(tok.vocab_size), tok, compile=True)
+    prompts = [tok.encode("The quick brown fox"), tok.encode("A small model that")]
+    prompts[1] = prompts[1][:len(prompts[0])]  # same length: no padding, so the batch takes the compiled path too
+    for batch in ([prompts[0]], prompts):
+        want = [c.token_ids for c in eager.generate(batch, GREEDY)]
+        assert [c.token_ids for c in compiled.generate(batch, GREEDY)] == want
+    assert compiled.model._compiled_layers is not None  # it compiled, rather than falling back to eager
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3: sampling
 
