@@ -66,6 +66,28 @@ def run_lm_eval(hf_dir: Path, data: Path, work: Path, batch_size: int) -> dict:
             "acc_per_item": [s["acc"] for s in samples], "acc_norm_per_item": [s["acc_norm"] for s in samples]}
 
 
+def matmul_gmacs_per_item(lm, records) -> dict:
+    """Multiply-adds of the weight products per item (attention and elementwise work left out), for both schemes.
+
+    lm-eval's HF backend runs each (context + ending)[:-1] through the whole model and the LM head at every position;
+    llmkit runs each context once, each ending from a copy of its context's cache, and the LM head only where an
+    ending token is scored. The ratio bounds the speed-up of any implementation doing the same arithmetic.
+    """
+    from llmkit.evaluate import encode_pair
+
+    body = sum(p.numel() for n, p in lm.model.named_parameters() if ".layers." in f".{n}")
+    head = lm.model.lm_head.weight.numel()
+    ours = theirs = 0
+    for r in records:
+        for choice in r["choices"]:
+            ctx, cont = encode_pair(lm.tokenizer, r["query"], " " + choice)
+            theirs += (len(ctx) + len(cont) - 1) * (body + head)
+            ours += (len(cont) - 1) * body + len(cont) * head
+        ours += len(ctx) * body
+    n = len(records)
+    return {"llmkit": ours / n / 1e9, "lm_eval": theirs / n / 1e9, "ratio": theirs / ours}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(DATA))
@@ -88,6 +110,7 @@ def main():
         data.write_text("".join(json.dumps(r) + "\n" for r in records))
 
         ours = evaluate.evaluate_choice(lm, data, batch_size=args.batch_size)
+        gmacs = matmul_gmacs_per_item(lm, records)
         result = {
             "benchmark": "hellaswag 0-shot, first %d items of val_1000.jsonl" % len(records),
             "model": "SmolLM2-135M-Instruct (default, Q4_1 GGUF dequantized, float32)",
@@ -98,7 +121,11 @@ def main():
             "llmkit": {"acc": ours["acc"], "acc_norm": ours["acc_norm"], "acc_ci": ours["acc_ci"],
                        "acc_norm_ci": ours["acc_norm_ci"], "acc_bytes": ours["acc_bytes"], "ece": ours["ece"],
                        "brier": ours["brier"], "seconds": ours["seconds"],
-                       "seconds_per_item": ours["seconds"] / len(records), "batch_size": args.batch_size},
+                       "seconds_per_item": ours["seconds"] / len(records), "batch_size": args.batch_size,
+                       "matmul_gmacs_per_item": round(gmacs["llmkit"], 2),
+                       "matmul_gflops_achieved": round(2 * gmacs["llmkit"] * len(records) / ours["seconds"], 1)},
+            "lm_eval_matmul_gmacs_per_item": round(gmacs["lm_eval"], 2),
+            "arithmetic_ratio": round(gmacs["ratio"], 2),
         }
         print(f"llmkit: acc {ours['acc']:.4f} acc_norm {ours['acc_norm']:.4f} "
               f"{ours['seconds'] / len(records):.3f} s/item", file=sys.stderr)

@@ -208,7 +208,8 @@ class Attention(nn.Module):
     def fuse(self):
         self.fused = _fuse([self.q_proj, self.k_proj, self.v_proj])
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slots):
+    def forward(self, x, rope, mask, kv, slots):
+        """kv: this layer's (keys, values) cache buffers, or None; slots: where the new tokens go (_cache_step)."""
         B, T, _ = x.shape
         hd, cfg = self.cfg.head_dim, self.cfg
         H, Hkv = cfg.n_head, cfg.n_kv_head
@@ -226,8 +227,8 @@ class Attention(nn.Module):
             v = _linear(self.v_proj, x).view(B, T, Hkv, hd).transpose(1, 2)
             if rope is not None:
                 q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
-        if cache is not None:
-            k, v = self._write_cache(cache, layer, k, v, slots)
+        if kv is not None:
+            k, v = self._write_cache(*kv, k, v, slots)
         is_causal = mask is None and cfg.causal and T > 1
         if mask is True:  # the caller has checked that no masking is needed (decode step without padding)
             mask, is_causal = None, False
@@ -239,8 +240,7 @@ class Attention(nn.Module):
         return _linear(self.o_proj, y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
 
     @staticmethod
-    def _write_cache(cache: KVCache, layer: int, k, v, slots):
-        kc, vc = cache.k[layer], cache.v[layer]
+    def _write_cache(kc, vc, k, v, slots):
         start, end, uniform = slots
         if uniform:
             kc[:, :, start:end] = k
@@ -291,13 +291,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg, cfg.n_embd, device)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, mask, cache, layer, slots):
+    def forward(self, x, rope, mask, kv, slots):
         drop = self.drop if self.training and self.drop.p > 0 else _identity
         if self.pre_norm:
-            x = x + drop(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, slots))
+            x = x + drop(self.self_attn(self.input_layernorm(x), rope, mask, kv, slots))
             return x + drop(self.mlp(self.post_attention_layernorm(x)))
         # post-norm (original Transformer / BERT)
-        x = self.input_layernorm(x + drop(self.self_attn(x, rope, mask, cache, layer, slots)))
+        x = self.input_layernorm(x + drop(self.self_attn(x, rope, mask, kv, slots)))
         return self.post_attention_layernorm(x + drop(self.mlp(x)))
 
 
@@ -452,7 +452,7 @@ class Transformer(nn.Module):
 
     def _layers(self, x, rope, mask, cache, slots):
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache, i, slots)
+            x = layer(x, rope, mask, None if cache is None else (cache.k[i], cache.v[i]), slots)
         return self.norm(x) if self.config.final_norm else x
 
     # -----------------------------------------------------------------------------------------------------------
@@ -461,10 +461,11 @@ class Transformer(nn.Module):
     # In eager mode a one-token step runs ~50 small ops per layer, a few microseconds each: on a CPU that is about a
     # third of a batch-1 step of the default model. torch.compile (inductor) fuses them; matrix products stay torch's.
     # Only steps that need no mask (decode without padding, every row at the same length) take this path, with
-    # dynamic shapes so that growing caches and other batch sizes reuse one compiled graph.
+    # dynamic shapes so that growing caches and other batch sizes reuse one graph. The graph spans all layers: one
+    # compiled block called per layer would trace in seconds, but its per-call checks cost most of the gain.
 
     def compile_decode(self):
-        """Run one-token decode steps through torch.compile; the first step compiles (tens of seconds, then cached)."""
+        """Run one-token decode steps through torch.compile; the first step compiles (30-60 s on a 2-core CPU)."""
         self.fuse_for_decode()
         self._compiled_layers = torch.compile(self._layers, dynamic=True)
         return self
