@@ -34,7 +34,7 @@ def _sampling_flags(p):
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--compile", action="store_true", help="compile decode steps with torch.compile: faster "
-                   "tokens after a one-off compile (about a minute the first time, then cached)")
+                   "tokens after a compile at the first step (30-60 s on a 2-core CPU)")
 
 
 def _device(args):

@@ -270,7 +270,8 @@ class MLP(nn.Module):
         if not self.swiglu:
             return _linear(self.down_proj, self.act(_linear(self.up_proj, x)))
         fused = getattr(self, "fused", None)
-        if fused is not None and (torch.compiler.is_compiling() or _still_fused(fused, (self.gate_proj, self.up_proj))):
+        linears = (self.gate_proj, self.up_proj)
+        if fused is not None and (torch.compiler.is_compiling() or _still_fused(fused, linears)):
             gate, up = fused_linear(x, *fused).chunk(2, -1)
         else:
             gate, up = _linear(self.gate_proj, x), _linear(self.up_proj, x)
