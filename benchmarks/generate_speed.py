@@ -10,7 +10,6 @@ Writes benchmarks/results/generate_speed.json.
     .venv/bin/python benchmarks/generate_speed.py [--setups float32,bfloat16,bfloat16+compile] [--repeats 3]
 """
 import argparse
-import json
 import platform
 import sys
 import time
@@ -69,6 +68,7 @@ def main():
 
     from llmkit.checkpoint import default_model_dir, load_model
     from llmkit.engine import Engine, SamplingParams
+    from llmkit.evaluate import write_results
 
     folder = default_model_dir()  # the bf16 safetensors folder converted from the GGUF: both load these weights
     engines = {}
@@ -140,8 +140,7 @@ def main():
     print(f"memory read bandwidth {results['memory_read_gbs']} GB/s; batch-1 roofline of the best set-up "
           f"{results['batch1_roofline_tok_s']} tok/s")
     results["command"] = " ".join(["python"] + sys.argv)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(f"wrote {args.out}")
 
 

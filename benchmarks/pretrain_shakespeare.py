@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmkit.checkpoint import load_model  # noqa: E402
+from llmkit.evaluate import write_results  # noqa: E402
 from llmkit.pretrain import PretrainConfig, pretrain  # noqa: E402
 from llmkit.train import TrainConfig  # noqa: E402
 
@@ -101,8 +102,7 @@ def main():
         "command": (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "")
         + "python benchmarks/pretrain_shakespeare.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
-    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.result, result)
     print(json.dumps(result, indent=2))
 
 
