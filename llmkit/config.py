@@ -95,12 +95,6 @@ class ModelConfig:
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
-    def num_params(self) -> int:
-        """Parameter count implied by the config (tied embeddings counted once)."""
-        from llmkit.model import Transformer
-
-        return sum(p.numel() for p in Transformer(self, device="meta").parameters())
-
 
 ACTIVATIONS = {"silu", "gelu", "gelu_tanh", "relu"}
 

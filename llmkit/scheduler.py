@@ -225,6 +225,8 @@ class Scheduler:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.engine, self.model, self.tok = engine, engine.model, engine.tok
+        self._texts: dict[int, str] = {}  # JSON mode: token id -> its text
+        self._special_ids = set(getattr(self.tok, "all_special_ids", []) or [])
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = engine.config.max_position_embeddings
         # the cache grows in length on demand (doubling): a full-context cache for every row would waste memory
@@ -390,7 +392,8 @@ class Scheduler:
         if plain:
             sub = [reqs[j] for j in plain]
             history = [(r.prompt_ids, r.state.token_ids) for r in sub] if any(r.params.penalized for r in sub) else None
-            out = sample_next(logits[plain], [r.params for r in sub], [r.state.generator for r in sub], history)
+            plain_logits = logits if len(plain) == len(rows) else logits[plain]  # usually every row: no copy
+            out = sample_next(plain_logits, [r.params for r in sub], [r.state.generator for r in sub], history)
             for j, t in zip(plain, out.tolist()):
                 tokens[j] = t
         for j, r in enumerate(reqs):
@@ -439,8 +442,6 @@ class Scheduler:
     # JSON mode sampling
 
     def _token_text(self, t: int) -> str:
-        if not hasattr(self, "_texts"):
-            self._texts = {}
         if t not in self._texts:
             self._texts[t] = self.tok.decode([t])
         return self._texts[t]
@@ -463,7 +464,7 @@ class Scheduler:
         row = logits.float()
         if p.penalized:
             row = apply_penalties(row, p, r.prompt_ids, st.token_ids)
-        special = set(getattr(self.tok, "all_special_ids", []) or [])
+        special = self._special_ids
         if p.greedy:
             order = row.argsort(descending=True)
         else:
