@@ -314,7 +314,7 @@ def cmd_tokenizer_train(args):
     from llmkit.tokenizer_train import describe, train_tokenizer
 
     tok = train_tokenizer(args.files, args.vocab_size, args.out, char=args.char, text_field=args.text_field)
-    print(describe(tok, args.files, args.out))
+    print(describe(tok, args.files, args.out, args.text_field))
 
 
 def add_pretrain(sub):

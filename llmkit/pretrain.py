@@ -62,8 +62,10 @@ def mlm_loss(model, batch):
     logits = model(batch["input_ids"])  # (B, T, V)
     labels = batch["labels"]
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+    if model.training:  # the training step uses the loss only: no argmax over the vocabulary, no device sync
+        return loss, {}
     scored = labels != IGNORE
-    acc = (logits.argmax(-1)[scored] == labels[scored]).float().mean() if bool(scored.any()) else loss.new_zeros(())
+    acc = ((logits.argmax(-1) == labels) & scored).sum() / scored.sum().clamp(min=1)
     return loss, {"accuracy": acc.detach()}
 
 

@@ -63,9 +63,9 @@ def compression(tok: Tokenizer, files, text_field: str = "text") -> tuple[int, i
     return n_bytes, n_tokens
 
 
-def describe(tok: Tokenizer, files, out_dir) -> str:
+def describe(tok: Tokenizer, files, out_dir, text_field: str = "text") -> str:
     """One line for the CLI: vocabulary size, compression, where it went."""
-    n_bytes, n_tokens = compression(tok, files)
+    n_bytes, n_tokens = compression(tok, files, text_field)
     ratio = n_bytes / max(n_tokens, 1)
     return (f"tokenizer: {tok.vocab_size} tokens, {n_tokens:,} tokens for {n_bytes:,} bytes "
             f"({ratio:.2f} bytes/token) -> {Path(out_dir)}")

@@ -32,10 +32,13 @@ def test_generate_streams_only_the_text_to_stdout():
 
 
 def test_generate_chat_flag_and_stop_string():
-    r = llmkit("generate", "Name the capital of France in one word.", "--chat", "--max-new-tokens", "20",
-               "--stop", "Paris")
+    args = ("generate", "What is the capital of France?", "--chat", "--max-new-tokens", "20")
+    plain = llmkit(*args)
+    assert plain.returncode == 0, plain.stderr
+    assert "Paris" in plain.stdout  # the chat template is applied: the model answers
+    r = llmkit(*args, "--stop", "Paris")
     assert r.returncode == 0, r.stderr
-    assert "Paris" not in r.stdout
+    assert "Paris" not in r.stdout and r.stdout.strip() == plain.stdout.split("Paris")[0].strip()
 
 
 def test_info_on_the_default_model():
