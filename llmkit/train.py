@@ -306,14 +306,18 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
                 if isinstance(v, (int, float)) and k != "step":
                     writer.add_scalar(k, v, row["step"])
 
-    def save(step_now: int, last_val: float | None):
+    def plain_model(full_model):
+        if not cfg.fsdp:
+            return raw
+        plain = type(raw)(raw.config)  # a plain CPU copy to hand to save_fn
+        plain.load_state_dict(full_model)
+        return plain
+
+    def save(step_now: int, last_val: float | None, last_save: bool) -> bool:
         full_model, full_optim = _full_state(raw, optimizer, cfg.fsdp)
         if not is_main:
-            return
-        plain = raw
-        if cfg.fsdp:  # a plain CPU copy to hand to save_fn
-            plain = type(raw)(raw.config)
-            plain.load_state_dict(full_model)
+            return last_save
+        plain = plain_model(full_model)
         st = {"model": full_model, "optimizer": full_optim, "step": step_now, "tokens": tokens, "best_val": best,
               "best_step": best_step, "val_loss": last_val, "data": train_data.state_dict(), "elapsed": elapsed,
               "rng": {"cpu": torch.get_rng_state(),
@@ -321,10 +325,14 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
               "model_config": _model_config(raw), "world_size": world, "data_shape": _data_shape(train_data),
               "train_config": dataclasses.asdict(cfg)}
         _write_checkpoint(out, step_now, st, plain, save_fn, cfg.keep_last, best_step)
+        if last_save and save_fn is not None:  # the final model at the top of out, from the same gathered state
+            save_fn(out, plain)
+        return last_save
 
     # ---- loop
     from tqdm import tqdm
 
+    final_saved = False
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and is_main), unit="step",
                dynamic_ncols=True)
     model.train()
@@ -391,7 +399,7 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
         stale = (cfg.early_stopping and cfg.eval_every and val_data is not None and best_step is not None
                  and step - best_step >= cfg.early_stopping * cfg.eval_every)
         if out and ((cfg.save_every and step % cfg.save_every == 0) or final or stale):
-            save(step, last.get("val_loss"))
+            final_saved = save(step, last.get("val_loss"), last_save=final or stale)
         if stale and not final:
             bar.write(f"stopping at step {step}: no better val_loss in {cfg.early_stopping} evaluations "
                       f"(best {best:.4f} at step {best_step})")
@@ -401,15 +409,12 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
             break
     bar.close()
 
-    # ---- final model at the top of out: a normal model folder
+    # ---- final model at the top of out: a normal model folder (already written if the loop ended with a save)
     if out:
-        full_model = _full_state(raw, optimizer, True)[0] if cfg.fsdp else None  # a collective: every rank
-        if is_main and save_fn is not None:
-            plain = raw
-            if cfg.fsdp:
-                plain = type(raw)(raw.config)
-                plain.load_state_dict(full_model)
-            save_fn(out, plain)
+        if not final_saved:  # e.g. resumed from a finished run: the loop did not step
+            full_model = _full_state(raw, optimizer, True)[0] if cfg.fsdp else None  # a collective: every rank
+            if is_main and save_fn is not None:
+                save_fn(out, plain_model(full_model))
         if is_main and metrics_path.stat().st_size:
             _plot(out)
     if writer:
