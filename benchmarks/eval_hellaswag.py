@@ -139,6 +139,8 @@ def main():
             result["identical_acc"] = base["acc"] == ours["acc"] and base["acc_norm"] == ours["acc_norm"]
             result["argmax_agreement"] = agree / len(records)
             result["speedup"] = base["seconds"] / ours["seconds"]
+            lm_eval_gflops = 2 * gmacs["lm_eval"] * len(records) / base["seconds"]
+            result["lm_eval"]["matmul_gflops_achieved"] = round(lm_eval_gflops, 1)
             print(f"lm-eval: acc {base['acc']:.4f} acc_norm {base['acc_norm']:.4f} "
                   f"{base['seconds'] / len(records):.3f} s/item; speed-up {result['speedup']:.2f}x", file=sys.stderr)
     result["load_after"] = load_avg()
