@@ -18,7 +18,8 @@ import torch
 
 from llmkit.checkpoint import load_model, write_json
 from llmkit.engine import Engine, SamplingParams
-from llmkit.finetune import ExampleLoader, FinetuneConfig, encode_chat, finetune, lm_loss
+from llmkit.finetune import ExampleLoader, FinetuneConfig, encode_chat, finetune
+from llmkit.pretrain import clm_loss
 from llmkit.train import TrainConfig, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ def val_loss(lm, records, max_length, batch_size=4) -> float:
         ids, labels, _ = encode_chat(lm.tokenizer, r["messages"], max_length)
         ex.append({"input_ids": ids, "labels": labels})
     data = ExampleLoader(ex, batch_size, lm.tokenizer.pad_id, shuffle=False)
-    return evaluate(lm.model, data, lm_loss, len(data), None, torch.device("cpu"))["val_loss"]
+    return evaluate(lm.model, data, clm_loss, len(data), None, torch.device("cpu"))["val_loss"]
 
 
 def answers(lm, records, max_new_tokens):

@@ -18,6 +18,7 @@ import torch
 
 from llmkit.config import ModelConfig
 from llmkit.model import RMSNorm, Transformer, rope_cache
+from llmkit.tokenizer import write_atomic
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -341,15 +342,9 @@ def build_model(cfg: ModelConfig, state_dict: dict, dtype=None, device="cpu", st
 # saving
 
 
-def _atomic_write_bytes(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_json(path, obj):
     """Write JSON atomically."""
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+    write_atomic(Path(path), json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_model(out_dir, model: Transformer, tokenizer=None, generation_config: dict | None = None,

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -586,11 +584,8 @@ def markdown_table(results: dict) -> str:
 
 
 def write_results(path, results: dict) -> None:
-    """Write results as pretty JSON, atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, p)
+    """Write results as pretty JSON, atomically, creating the folder."""
+    from llmkit.checkpoint import write_json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, results)

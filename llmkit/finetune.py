@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from llmkit import lora as lora_lib
+from llmkit.data import IGNORE
+from llmkit.pretrain import clm_loss
 
-IGNORE = -100  # label id the loss skips (non-assistant tokens, padding)
 TASKS = ("chat", "instruct", "classify", "text")
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
 LABEL_COLUMNS = ("label", "labels", "class", "category", "sentiment")
@@ -43,7 +44,6 @@ class FinetuneConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
     lora_layers: int | list[int] | None = None  # top N blocks, or these block indices; None: all (faster if fewer)
     seed: int = 0
-    dtype: str | None = None
     device: str = "cpu"
 
 
@@ -229,12 +229,6 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         if seq_labels:
             labels[i, :n] = torch.tensor(e["labels"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def lm_loss(model, batch) -> torch.Tensor:
-    """Next-token cross-entropy where labels are not IGNORE (labels come aligned: labels[t] is the token after t)."""
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
 
 
 def classify_loss(model, batch):
@@ -455,7 +449,7 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None):
         else:
             save_model(d, m, tok, lm.generation_config)
 
-    loss = classify_loss if p["task"] == "classify" else lm_loss
+    loss = classify_loss if p["task"] == "classify" else clm_loss
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     print(f"{p['task']} fine-tuning ({fc.method}): {len(p['train'])} train / {len(p['val'])} val examples, "
           f"{trainable:,} of {model.num_params():,} parameters trainable", file=sys.stderr)

@@ -52,8 +52,9 @@ class PretrainConfig:
 
 
 def clm_loss(model, batch) -> torch.Tensor:
-    """Next-token cross-entropy (labels are the inputs shifted by one, done by the data loader)."""
-    logits = model(batch["input_ids"])  # (B, T, V)
+    """Next-token cross-entropy where labels are not IGNORE (the loaders align them: labels[t] is the token after t;
+    fine-tuning batches also carry an attention_mask and IGNORE on padding and non-assistant tokens)."""
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
 
 

@@ -59,7 +59,7 @@ def _content(token) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write text to path via a temp file in the same folder, so readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -142,9 +142,9 @@ class Tokenizer:
         for key in ("add_bos_token", "add_eos_token", "model_max_length", "chat_template"):
             if getattr(self, key) is not None:  # unset keys stay unset so transformers keeps tokenizer.json's behaviour
                 config[key] = getattr(self, key)
-        _write_atomic(out / "tokenizer.json", self.hf.to_str(pretty=True))
-        _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
-        _write_atomic(out / "special_tokens_map.json", json.dumps(self.special_tokens, indent=2, ensure_ascii=False))
+        write_atomic(out / "tokenizer.json", self.hf.to_str(pretty=True))
+        write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        write_atomic(out / "special_tokens_map.json", json.dumps(self.special_tokens, indent=2, ensure_ascii=False))
 
     @classmethod
     def from_gguf(cls, path_or_reader) -> "Tokenizer":
