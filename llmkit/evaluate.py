@@ -518,23 +518,11 @@ def evaluate_classify(lm, data, text_field="text", label_field="label", limit=No
     records = load_classify_records(data, text_field, label_field, labels)
     if limit:
         records = records[:limit]
-    device, _ = _device_dtype(model)
+    from llmkit.finetune import predict_proba
+
     t0 = time.time()
-    probs = []
-    bar = _progress(len(records), progress, "classifying")
-    max_len = cfg.max_position_embeddings
-    for i in range(0, len(records), batch_size):
-        enc = [tok.encode(r["text"])[:max_len] for r in records[i:i + batch_size]]
-        T = max(len(e) for e in enc)
-        ids = torch.full((len(enc), T), max(cfg.pad_token_id, 0), dtype=torch.long)
-        mask = torch.zeros(len(enc), T, dtype=torch.long)
-        for j, e in enumerate(enc):  # right padding: encoders read [CLS] at column 0, decoders the last real token
-            ids[j, :len(e)] = torch.tensor(e)
-            mask[j, :len(e)] = 1
-        logits = model(ids.to(device), attention_mask=mask.to(device), head="classify")
-        probs += F.softmax(logits.float(), -1).cpu().tolist()
-        bar.update(len(enc))
-    bar.close()
+    probs = predict_proba(model, tok, [r["text"] for r in records], cfg.max_position_embeddings, batch_size,
+                          progress).tolist()
     golds = [r["label"] for r in records]
     preds = [int(np.argmax(p)) for p in probs]
     m = metrics.classification_metrics(golds, preds, labels)

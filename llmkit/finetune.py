@@ -291,21 +291,29 @@ class ExampleLoader:
 
 
 @torch.no_grad()
-def predict_proba(model, tok, texts: list[str], max_length: int = 512, batch_size: int = 32) -> torch.Tensor:
-    """Class probabilities (N, num_labels) of a classifier for each text."""
+@torch.inference_mode()
+def predict_proba(model, tok, texts: list[str], max_length: int = 512, batch_size: int = 32,
+                  progress: bool = False) -> torch.Tensor:
+    """Class probabilities (N, num_labels) of a classifier for each text (on the CPU)."""
+    from tqdm import tqdm
+
     if not model.config.num_labels:
         raise ValueError("this model has no classification head; fine-tune one with `llmkit finetune --task classify`")
     pad = _pad_id(tok, model.config)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     ids, _ = encode_texts(tok, texts, max_length)
     out = []
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    bar = tqdm(total=len(order), desc="classifying", disable=not progress, dynamic_ncols=True)
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         b = collate([{"input_ids": ids[i], "labels": 0} for i in chunk], pad)
-        logits = model(b["input_ids"], attention_mask=b["attention_mask"], head="classify")
-        out.append(logits.float().softmax(-1))
+        logits = model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), head="classify")
+        out.append(logits.float().softmax(-1).cpu())
+        bar.update(len(chunk))
+    bar.close()
     probs = torch.cat(out) if out else torch.zeros(0, model.config.num_labels)
     model.train(was_training)
     return probs[torch.argsort(torch.tensor(order))]
