@@ -14,27 +14,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit.checkpoint import LoadedModel
+from llmkit.checkpoint import _GGUF_NAMES, LoadedModel, _rename
 from llmkit.config import ModelConfig
 
 QUANTS = ("f16", "q8_0")
 
-# llmkit tensor names -> GGUF names (the inverse of checkpoint._GGUF_NAMES)
-_NAMES = {
-    "embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight",
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
-    **{f"self_attn.{p}_proj.{s}": f"attn_{p}.{s}" for p in "qkv" for s in ("weight", "bias")},
-}
+_TO_GGUF = [(ours, theirs) for theirs, ours in _GGUF_NAMES]  # the import table, read the other way
 
 
 def gguf_name(name: str) -> str:
     """llmkit tensor name -> llama.cpp tensor name."""
-    if name.startswith("layers."):
-        _, i, rest = name.split(".", 2)
-        return f"blk.{i}.{_NAMES[rest]}"
-    return _NAMES[name]
+    out = _rename(name, _TO_GGUF)
+    if out is None:
+        raise ValueError(f"tensor {name} has no llama.cpp name")
+    return out
 
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
