@@ -284,10 +284,13 @@ class Engine:
             if p.stop and self.tok is None:
                 raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
             ids = self._prompt_ids(prompt)
-            max_new = min(p.max_new_tokens, self.config.max_position_embeddings - len(ids))
-            stop_ids = (set() if p.ignore_eos else self.eos_ids) | set(p.stop_token_ids)
-            reqs.append(RequestState(ids, p, max_new, stop_ids, self.tok, self.device))
+            reqs.append(self.new_state(ids, p, min(p.max_new_tokens, self.config.max_position_embeddings - len(ids))))
         return reqs
+
+    def new_state(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> RequestState:
+        """A request's decoding state: EOS ids (unless ignore_eos) and the params' stop token ids end it."""
+        stop_ids = (set() if params.ignore_eos else self.eos_ids) | set(params.stop_token_ids)
+        return RequestState(prompt_ids, params, max_new, stop_ids, self.tok, self.device)
 
     @torch.inference_mode()  # on a generator function torch enters/leaves the mode around each resume
     def _run(self, prompts, params):

@@ -346,15 +346,13 @@ class Scheduler:
         c.valid, c.max_len = valid, new
 
     def _prefill(self, r: Request):
-        e = self.engine
-        stop_ids = (set() if r.params.ignore_eos else e.eos_ids) | set(r.params.stop_token_ids)
-        r.state = RequestState(r.prompt_ids, r.params, max(r.max_new, 1), stop_ids, self.tok, e.device)
+        r.state = self.engine.new_state(r.prompt_ids, r.params, max(r.max_new, 1))
         r.json = JsonPrefix() if r.json_mode else None
         if r.cancelled:
             return
         row = len(self.running)
         self.cache.reset_rows([row])
-        ids = torch.tensor([r.prompt_ids], device=e.device)
+        ids = torch.tensor([r.prompt_ids], device=self.engine.device)
         logits = self._forward(ids, row, row + 1, last_only=not r.prompt_logprobs)  # (1, T or 1, V)
         self.stats.prompt_tokens += len(r.prompt_ids)
         if r.prompt_logprobs:
