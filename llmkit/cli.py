@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -600,6 +601,9 @@ def cmd_classify(args):
 
 COMMANDS = ["generate", "chat", "info", "convert", "merge", "serve", "tokenizer", "pretrain", "eval", "lm-eval",
             "finetune", "classify"]
+# commands that live in modules of their own (cli_<area>.py): each module has register(sub), whose parsers set
+# `handler=` with set_defaults; they import heavy libraries inside their handlers, so `llmkit --help` stays fast
+COMMAND_MODULES: list[str] = []
 
 
 def build_parser():
@@ -608,6 +612,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
         globals()[f"add_{name.replace('-', '_')}"](sub)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
