@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from llmkit import lora, names
 from llmkit.config import ModelConfig
 from llmkit.model import RMSNorm, Transformer, rope_cache
 from llmkit.tokenizer import write_atomic
@@ -185,121 +186,6 @@ def _labels(hf: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# tensor names: llmkit (HF Llama layout) <-> HF names of each family
-
-
-def _to_hf_names(cfg: ModelConfig, sd: dict) -> dict:
-    """llmkit state dict -> HF tensor names (Conv1D transposes for GPT-2)."""
-    out = {}
-    if cfg.family == "llama":
-        for k, v in sd.items():
-            if k == "lm_head.weight":
-                if not cfg.tie_word_embeddings and not cfg.num_labels:
-                    out[k] = v
-            elif k.startswith("score."):
-                out[k] = v
-            else:
-                out["model." + k] = v
-        return out
-    table = _GPT2 if cfg.family == "gpt2" else _BERT
-    for k, v in sd.items():
-        if k == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        if cfg.family == "gpt2" and k.startswith("layers.") and ".self_attn.q_proj" in k:
-            # GPT-2 keeps q, k, v in one Conv1D (in, 3*out)
-            i = k.split(".")[1]
-            kind = k.rsplit(".", 1)[1]
-            parts = [sd[f"layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
-            out[f"transformer.h.{i}.attn.c_attn.{kind}"] = torch.cat(parts, 0).T.contiguous() if kind == "weight" \
-                else torch.cat(parts, 0)
-            continue
-        if cfg.family == "gpt2" and (".self_attn.k_proj" in k or ".self_attn.v_proj" in k):
-            continue
-        name = _rename(k, table)
-        if name is None:
-            continue
-        if cfg.family == "gpt2" and name.endswith(".weight") and any(s in name for s in _GPT2_CONV):
-            v = v.T.contiguous()
-        out[name] = v
-    return out
-
-
-def _from_hf_names(cfg: ModelConfig, sd: dict) -> dict:
-    """HF tensor names -> llmkit state dict."""
-    out = {}
-    if cfg.family == "llama":
-        for k, v in sd.items():
-            k = k.removeprefix("model.")
-            if k.startswith("layers.") and k.endswith("rotary_emb.inv_freq"):
-                continue
-            out[k] = v
-        return out
-    inverse = [(hf, ours) for ours, hf in (_GPT2 if cfg.family == "gpt2" else _BERT)]
-    for k, v in sd.items():
-        if cfg.family == "bert" and not k.startswith(("bert.", "cls.", "classifier.")):
-            k = "bert." + k  # BertModel checkpoints have no prefix
-        if cfg.family == "gpt2" and not k.startswith(("transformer.", "lm_head.", "score.")):
-            k = "transformer." + k
-        if k.endswith((".attn.bias", ".attn.masked_bias")) or k.endswith("position_ids"):
-            continue
-        if cfg.family == "gpt2" and ".attn.c_attn." in k:
-            i, kind = k.split(".")[2], k.rsplit(".", 1)[1]
-            w = v.T if kind == "weight" else v
-            for p, part in zip("qkv", w.split(cfg.n_embd, 0)):
-                out[f"layers.{i}.self_attn.{p}_proj.{kind}"] = part.contiguous()
-            continue
-        name = _rename(k, inverse)
-        if name is None:
-            continue
-        if cfg.family == "gpt2" and k.endswith(".weight") and any(s in k for s in _GPT2_CONV):
-            v = v.T.contiguous()
-        out[name] = v
-    if cfg.family == "bert" and "lm_head.bias" not in out and "cls.predictions.decoder.bias" in sd:
-        out["lm_head.bias"] = sd["cls.predictions.decoder.bias"]
-    return out
-
-
-def _rename(name: str, table) -> str | None:
-    for src, dst in table:
-        if "{}" in src:
-            pre, post = src.split("{}")
-            if name.startswith(pre) and name.endswith(post):
-                mid = name[len(pre):len(name) - len(post)]
-                if mid.isdigit():
-                    return dst.replace("{}", mid)
-        elif name == src:
-            return dst
-    return None
-
-
-def _table(pairs, suffixes=("weight", "bias")):
-    return [(f"{a}.{s}", f"{b}.{s}") for a, b in pairs for s in suffixes]
-
-
-_GPT2 = _table([
-    ("embed_tokens", "transformer.wte"), ("embed_positions", "transformer.wpe"), ("norm", "transformer.ln_f"),
-    ("layers.{}.input_layernorm", "transformer.h.{}.ln_1"), ("layers.{}.self_attn.o_proj", "transformer.h.{}.attn.c_proj"),
-    ("layers.{}.post_attention_layernorm", "transformer.h.{}.ln_2"), ("layers.{}.mlp.up_proj", "transformer.h.{}.mlp.c_fc"),
-    ("layers.{}.mlp.down_proj", "transformer.h.{}.mlp.c_proj"), ("lm_head", "lm_head"), ("score", "score"),
-])
-_GPT2_CONV = (".attn.c_proj.", ".mlp.c_fc.", ".mlp.c_proj.")
-_BERT = _table([
-    ("embed_tokens", "bert.embeddings.word_embeddings"), ("embed_positions", "bert.embeddings.position_embeddings"),
-    ("embed_types", "bert.embeddings.token_type_embeddings"), ("embed_norm", "bert.embeddings.LayerNorm"),
-    ("layers.{}.self_attn.q_proj", "bert.encoder.layer.{}.attention.self.query"),
-    ("layers.{}.self_attn.k_proj", "bert.encoder.layer.{}.attention.self.key"),
-    ("layers.{}.self_attn.v_proj", "bert.encoder.layer.{}.attention.self.value"),
-    ("layers.{}.self_attn.o_proj", "bert.encoder.layer.{}.attention.output.dense"),
-    ("layers.{}.input_layernorm", "bert.encoder.layer.{}.attention.output.LayerNorm"),
-    ("layers.{}.mlp.up_proj", "bert.encoder.layer.{}.intermediate.dense"),
-    ("layers.{}.mlp.down_proj", "bert.encoder.layer.{}.output.dense"),
-    ("layers.{}.post_attention_layernorm", "bert.encoder.layer.{}.output.LayerNorm"),
-    ("pooler", "bert.pooler.dense"), ("mlm_dense", "cls.predictions.transform.dense"),
-    ("mlm_norm", "cls.predictions.transform.LayerNorm"), ("score", "classifier"),
-]) + [("lm_head.weight", "cls.predictions.decoder.weight"), ("lm_head.bias", "cls.predictions.bias")]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # building a model from a state dict without a random init
 
 
@@ -356,7 +242,7 @@ def save_model(out_dir, model: Transformer, tokenizer=None, generation_config: d
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    tensors = _to_hf_names(cfg, sd)
+    tensors = names.to_hf_names(cfg, sd)
     dt = parse_dtype(dtype)
     # clone: decode-fused weights are views of one buffer, and safetensors refuses tensors that share memory
     tensors = {k: (v.to(dt) if dt is not None and v.is_floating_point() else v).cpu().clone()
@@ -403,9 +289,7 @@ def load_model(spec: str | os.PathLike = "default", dtype=None, device="cpu") ->
             return load_gguf(p, dtype=dtype, device=device)
         raise ValueError(f"{p} is not a GGUF file or a model folder")
     if (p / "adapter_config.json").exists() and not (p / "config.json").exists():
-        from llmkit import lora  # adapter folders: base model + LoRA (fine-tuning issue)
-
-        return lora.load_adapter_model(p, dtype=dtype, device=device)
+        return load_adapter_model(p, dtype=dtype, device=device)
     if not (p / "config.json").exists():
         raise ValueError(f"{p} has no config.json: not a model folder")
     try:
@@ -414,11 +298,48 @@ def load_model(spec: str | os.PathLike = "default", dtype=None, device="cpu") ->
         raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
     cfg = config_from_hf(hf)
     sd = _read_safetensors(p)
-    model = build_model(cfg, _from_hf_names(cfg, sd), dtype=dtype, device=device)
+    model = build_model(cfg, names.from_hf_names(cfg, sd), dtype=dtype, device=device)
     gen = {}
     if (p / "generation_config.json").exists():
         gen = json.loads((p / "generation_config.json").read_text())
     return LoadedModel(model, _load_tokenizer(p), gen, str(p))
+
+
+def load_adapter_model(path, dtype=None, device="cpu", base: str | None = None, merge: bool = True):
+    """Load the base model an adapter folder names, attach the adapter and (by default) merge it: a LoadedModel."""
+    path = Path(path)
+    ac = lora.read_adapter_config(path)
+    base_spec = lora.resolve_base(path, base or ac.get("base_model_name_or_path"))
+    dtype = parse_dtype(dtype)
+    lm = load_model(base_spec, dtype=torch.float32, device=device)  # merge in float32, then cast
+    lora.attach_adapter(lm.model, path, ac)
+    if merge:
+        lora.merge_lora(lm.model)
+    if dtype is not None and dtype != torch.float32:
+        rope = [getattr(lm.model, n) for n in ("rope_cos", "rope_sin") if hasattr(lm.model, n)]
+        lm.model.to(dtype)
+        if rope:  # RoPE tables stay float32, as checkpoint.build_model keeps them
+            lm.model.rope_cos, lm.model.rope_sin = rope
+    lm.model.eval()
+    lm.path = str(path)
+    return lm
+
+
+def merge_adapter(adapter_dir, out_dir, base: str | None = None, dtype=None) -> Path:
+    """Write base + adapter as one plain model folder; the folder appears whole or not at all."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not empty; choose a new output folder")
+    lm = load_adapter_model(adapter_dir, dtype=torch.float32, base=base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    try:
+        save_model(tmp, lm.model, lm.tokenizer, lm.generation_config, dtype=dtype)
+        os.replace(tmp, out)  # an empty `out` is replaced too (POSIX rename onto an empty folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _read_safetensors(p: Path) -> dict:
@@ -455,16 +376,6 @@ def _is_gguf(p: Path) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # GGUF import (llama.cpp files): dequantize with the gguf package, undo llama.cpp's q/k row permutation
 
-_GGUF_NAMES = [
-    ("token_embd.weight", "embed_tokens.weight"), ("output_norm.weight", "norm.weight"),
-    ("output.weight", "lm_head.weight"),
-    ("blk.{}.attn_norm.weight", "layers.{}.input_layernorm.weight"),
-    ("blk.{}.ffn_norm.weight", "layers.{}.post_attention_layernorm.weight"),
-    ("blk.{}.attn_output.weight", "layers.{}.self_attn.o_proj.weight"),
-    ("blk.{}.ffn_gate.weight", "layers.{}.mlp.gate_proj.weight"),
-    ("blk.{}.ffn_up.weight", "layers.{}.mlp.up_proj.weight"),
-    ("blk.{}.ffn_down.weight", "layers.{}.mlp.down_proj.weight"),
-] + [(f"blk.{{}}.attn_{p}.{s}", f"layers.{{}}.self_attn.{p}_proj.{s}") for p in "qkv" for s in ("weight", "bias")]
 
 
 def read_gguf(path):
@@ -514,7 +425,7 @@ def load_gguf(path, dtype=torch.float32, device="cpu") -> LoadedModel:
     cfg = config_from_gguf(reader)
     sd = {}
     for t in reader.tensors:
-        name = _rename(t.name, _GGUF_NAMES)
+        name = names.rename(t.name, names.GGUF)
         if name is None:
             continue
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims innermost first

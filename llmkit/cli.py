@@ -232,7 +232,7 @@ def add_merge(sub):
 
 
 def cmd_merge(args):
-    from llmkit.lora import merge_adapter
+    from llmkit.checkpoint import merge_adapter
 
     out = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype)
     print(f"wrote {out}", file=sys.stderr)

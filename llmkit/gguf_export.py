@@ -14,17 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit.checkpoint import _GGUF_NAMES, LoadedModel, _rename
+from llmkit.checkpoint import LoadedModel
 from llmkit.config import ModelConfig
+from llmkit.names import GGUF, rename
 
 QUANTS = ("f16", "q8_0")
 
-_TO_GGUF = [(ours, theirs) for theirs, ours in _GGUF_NAMES]  # the import table, read the other way
+_TO_GGUF = [(ours, theirs) for theirs, ours in GGUF]  # the import table, read the other way
 
 
 def gguf_name(name: str) -> str:
     """llmkit tensor name -> llama.cpp tensor name."""
-    out = _rename(name, _TO_GGUF)
+    out = rename(name, _TO_GGUF)
     if out is None:
         raise ValueError(f"tensor {name} has no llama.cpp name")
     return out

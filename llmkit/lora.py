@@ -17,6 +17,8 @@ import torch.nn as nn
 
 from llmkit.config import ModelConfig
 from llmkit.model import Transformer, fused_linear
+from llmkit.names import hf_module
+from llmkit.tokenizer import write_atomic
 
 # --lora-targets short names -> llmkit module names (the last part of layers.N.self_attn.q_proj ...)
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -157,28 +159,15 @@ def add_classifier(model: Transformer, id2label: dict[str, str]) -> Transformer:
 # PEFT layout: names and config
 
 
-def _hf_module(cfg: ModelConfig, name: str) -> str:
-    """llmkit module name -> the module name inside the Hugging Face model (what PEFT prefixes)."""
-    from llmkit import checkpoint
-
-    if cfg.family == "llama":
-        return name if name == "score" else "model." + name
-    table = checkpoint._GPT2 if cfg.family == "gpt2" else checkpoint._BERT
-    hf = checkpoint._rename(name + ".weight", table)
-    if hf is None:
-        raise ValueError(f"module {name} has no Hugging Face name for a {cfg.family} model")
-    return hf.removesuffix(".weight")
-
-
 def _peft_names(cfg: ModelConfig, sd: dict) -> dict:
     out = {}
     for k, v in sd.items():
         if ".lora_A." in k or ".lora_B." in k:
             mod, rest = k.split(".lora_", 1)
-            out[f"base_model.model.{_hf_module(cfg, mod)}.lora_{rest}"] = v
+            out[f"base_model.model.{hf_module(cfg, mod)}.lora_{rest}"] = v
         else:  # a fully trained module (the classification head)
             mod, pname = k.rsplit(".", 1)
-            out[f"base_model.model.{_hf_module(cfg, mod)}.{pname}"] = v
+            out[f"base_model.model.{hf_module(cfg, mod)}.{pname}"] = v
     return out
 
 
@@ -186,8 +175,6 @@ def save_adapter(out_dir, model: Transformer, lora: LoRAConfig, base: str, token
                  extra: tuple[str, ...] = ()) -> Path:
     """Write adapter_config.json + adapter_model.safetensors (PEFT layout) and the tokenizer, each file atomically."""
     from safetensors.torch import save_file
-
-    from llmkit.checkpoint import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,8 +185,8 @@ def save_adapter(out_dir, model: Transformer, lora: LoRAConfig, base: str, token
     os.replace(tmp, out / "adapter_model.safetensors")
     modules = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)})
     if cfg.family != "llama":  # BERT/GPT-2 module names repeat ("dense"), so list each module by its full name
-        modules = sorted({_hf_module(cfg, n) for n, m in model.named_modules() if isinstance(m, LoRALinear)})
-    hf_extra = [_hf_module(cfg, e) for e in extra]
+        modules = sorted({hf_module(cfg, n) for n, m in model.named_modules() if isinstance(m, LoRALinear)})
+    hf_extra = [hf_module(cfg, e) for e in extra]
     config = {
         "peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.num_labels else "CAUSAL_LM",
         "base_model_name_or_path": base, "r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
@@ -211,8 +198,8 @@ def save_adapter(out_dir, model: Transformer, lora: LoRAConfig, base: str, token
     # what llmkit needs to rebuild the model and to refuse a different base model (own file: peft warns on extra keys)
     meta = {"targets": list(lora.targets), "layers": lora.layers, "modules_to_save": list(extra),
             "base_fingerprint": fingerprint(cfg), "num_labels": cfg.num_labels, "id2label": cfg.id2label}
-    write_json(out / META, meta)
-    write_json(out / "adapter_config.json", config)
+    for name, obj in ((META, meta), ("adapter_config.json", config)):
+        write_atomic(out / name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
     if tokenizer is not None:
         tokenizer.save(out)
     return out
@@ -238,7 +225,8 @@ def read_adapter_config(path) -> dict:
     return ac
 
 
-def _resolve_base(path: Path, base: str | None) -> str:
+def resolve_base(path: Path, base: str | None) -> str:
+    """The base model an adapter names, as a loadable spec (a path relative to the adapter folder is resolved)."""
     if base in (None, ""):
         raise ValueError(f"{path}/adapter_config.json names no base model; pass the base model explicitly")
     if base == "default" or Path(base).exists():
@@ -301,47 +289,3 @@ def _targets_from_peft(modules) -> list[str]:
     if not found:
         raise ValueError(f"adapter target_modules {modules} name no layer llmkit knows ({', '.join(TARGETS.values())})")
     return found
-
-
-def load_adapter_model(path, dtype=None, device="cpu", base: str | None = None, merge: bool = True):
-    """Load the base model an adapter folder names, attach the adapter and (by default) merge it: a LoadedModel."""
-    from llmkit.checkpoint import load_model, parse_dtype
-
-    path = Path(path)
-    ac = read_adapter_config(path)
-    base_spec = _resolve_base(path, base or ac.get("base_model_name_or_path"))
-    dtype = parse_dtype(dtype)
-    lm = load_model(base_spec, dtype=torch.float32, device=device)  # merge in float32, then cast
-    attach_adapter(lm.model, path, ac)
-    if merge:
-        merge_lora(lm.model)
-    if dtype is not None and dtype != torch.float32:
-        rope = [getattr(lm.model, n) for n in ("rope_cos", "rope_sin") if hasattr(lm.model, n)]
-        lm.model.to(dtype)
-        if rope:  # RoPE tables stay float32, as checkpoint.build_model keeps them
-            lm.model.rope_cos, lm.model.rope_sin = rope
-    lm.model.eval()
-    lm.path = str(path)
-    return lm
-
-
-def merge_adapter(adapter_dir, out_dir, base: str | None = None, dtype=None) -> Path:
-    """Write base + adapter as one plain model folder; the folder appears whole or not at all."""
-    import shutil
-    import tempfile
-
-    from llmkit.checkpoint import save_model
-
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not empty; choose a new output folder")
-    lm = load_adapter_model(adapter_dir, dtype=torch.float32, base=base)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    try:
-        save_model(tmp, lm.model, lm.tokenizer, lm.generation_config, dtype=dtype)
-        os.replace(tmp, out)  # an empty `out` is replaced too (POSIX rename onto an empty folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from llmkit import lora
+from llmkit import checkpoint, lora
 from llmkit.checkpoint import load_model, save_model
 from llmkit.cli import main
 from llmkit.config import preset
@@ -127,7 +127,7 @@ def test_adapter_for_a_different_base_is_refused(tmp_path, capsys):
     other = _tiny(n_embd=32, intermediate_size=64, pad_token_id=0)
     save_model(tmp_path / "other", other)
     with pytest.raises(ValueError, match="different base model"):
-        lora.load_adapter_model(adapter_dir, base=str(tmp_path / "other"))
+        checkpoint.load_adapter_model(adapter_dir, base=str(tmp_path / "other"))
     assert main(["merge", str(adapter_dir), "--base", str(tmp_path / "other"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert "different base model" in err and err.count("\n") == 1
