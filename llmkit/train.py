@@ -109,6 +109,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
         return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
+def scored_count(batch: dict) -> torch.Tensor:
+    """How many targets a batch's loss averages over: labels that are not IGNORE (-100), else every input token."""
+    labels = batch.get("labels")
+    if labels is None:
+        return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
+    return (labels != -100).sum()
+
+
 def _unpack(out):
     return (out[0], out[1]) if isinstance(out, tuple) else (out, {})
 
@@ -336,7 +344,12 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and is_main), unit="step",
                dynamic_ncols=True)
     model.train()
-    last = {}
+    last = {"step": step, "tokens": tokens}
+    if state is not None and state.get("val_loss") is not None:
+        last["val_loss"] = state["val_loss"]
+    if state is not None and step >= cfg.max_steps and is_main:
+        print(f"the run in {out} already reached step {step} of --max-steps {cfg.max_steps}: nothing to train "
+              "(raise --max-steps to continue it)", file=sys.stderr)
     t0, t_log, tok_log = time.time() - elapsed, time.time(), tokens
     params = [p for p in raw.parameters() if p.requires_grad]
     batches = iter(train_data)  # after load_state_dict: a resumed loader continues where the checkpoint was
@@ -345,8 +358,16 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
         for g in optimizer.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                         for _ in range(cfg.grad_accum)]
+        # each micro-batch's mean loss is weighted by its share of the scored tokens of the whole step, over all
+        # processes: the gradient of the big batch, whatever the number of scored (e.g. assistant) tokens per batch
+        counts = torch.stack([scored_count(b) for b in micro_batches]).float()
+        total = counts.sum()
+        if world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        weights = counts * world / total.clamp(min=1)  # DDP/FSDP average gradients over processes: undo the 1/world
+        for micro, batch in enumerate(micro_batches):
             # gradients are averaged across processes only on the last micro-batch
             sync = micro == cfg.grad_accum - 1
             ctx = contextlib.nullcontext()
@@ -356,8 +377,10 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
                 ctx = model.no_sync()
             with ctx, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, _ = _unpack(loss_fn(fwd, batch))
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
+                # nothing scored in this micro-batch: its mean is NaN; it adds no gradient (no device sync here)
+                loss = torch.where(counts[micro] > 0, loss, torch.zeros_like(loss))
+                (loss * weights[micro]).backward()
+            loss_sum += loss.detach() * weights[micro] / world
             tokens += batch["input_ids"].numel() * world
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -371,10 +394,9 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
 
         eval_now = val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or final)
         if step % cfg.log_every == 0 or step == 1 or final or eval_now:  # an eval row carries its own step and time
-            train_loss = loss_sum / cfg.grad_accum
-            if world > 1:  # the mean over processes (.item() syncs only on logging steps)
+            train_loss = loss_sum  # already the token-weighted mean of this process's share
+            if world > 1:  # the token-weighted mean over processes (.item() syncs only on logging steps)
                 dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
-                train_loss /= world
             now = time.time()
             tps = (tokens - tok_log) / max(now - t_log, 1e-9)
             t_log, tok_log = now, tokens

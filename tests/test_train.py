@@ -2,6 +2,7 @@
 bad input, YAML flags, and DDP on 2 CPU processes matching 1 process."""
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -196,6 +197,10 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     fails("--data", str(SHAKESPEARE), "--out", str(run), *TINY, "--n-layer", "2", "--max-steps", "4", "--resume",
           expect="different model config (n_layer)")
     assert _digest(run / "checkpoints") == before
+    # resuming a finished run says so and reports its step, not "step None"
+    assert pretrain(run, "--max-steps", "2", "--eval-every", "0", "--resume") == 0
+    err = capsys.readouterr().err
+    assert "nothing to train" in err and "done: step 2, val_loss" in err and "None" not in err, err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,3 +239,99 @@ def test_early_stopping_stops_after_patience_evaluations(tmp_path):
     res = train(model, BlockLoader(tokens, 16, 4, seed=1), loss_fn, cfg,
                 val_data=BlockLoader(tokens[:600], 16, 4, shuffle=False))
     assert res["step"] == 8 and res["best_step"] == 4  # evaluations at 6 and 8 were no better: stop
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gradient accumulation weighted by scored tokens
+
+
+class _Batches:
+    """Fixed batches, cycled: enough of a loader for train() without an output folder."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        while True:
+            yield from self.batches
+
+
+def _chat_like_rows(n=8, T=12, vocab=64, seed=0):
+    """Rows whose scored (assistant) tokens vary from 1 to T - 1, as in chat SFT; the rest are IGNORE."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, T + 1), generator=g)
+    labels = ids[:, 1:].clone()
+    for i, k in enumerate([11, 1, 2, 10, 3, 9, 1, 6][:n]):
+        labels[i, :T - k] = -100  # only the last k positions are scored
+    return ids[:, :-1], labels
+
+
+def _grads_of_training(batches, grad_accum, steps=2):
+    """The gradient train() hands the optimizer at each step (a global step pre-hook sees it)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    torch.manual_seed(0)
+    model = Transformer(preset("llama-tiny", vocab_size=64, n_layer=1))
+    seen = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, *a: seen.append([p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+    try:
+        cfg = TrainConfig(max_steps=steps, grad_accum=grad_accum, warmup_steps=0, grad_clip=0, eval_every=0,
+                          progress=False, device="cpu", dtype="float32")
+        res = train(model, _Batches(batches), clm_loss, cfg)
+    finally:
+        handle.remove()
+    return seen, res
+
+
+def test_grad_accumulation_of_4_equals_one_batch_of_4x():
+    ids, labels = _chat_like_rows()
+    big = [{"input_ids": ids, "labels": labels}]
+    micro = [{"input_ids": ids[i:i + 2], "labels": labels[i:i + 2]} for i in range(0, 8, 2)]
+    g_big, r_big = _grads_of_training(big, grad_accum=1)
+    g_acc, r_acc = _grads_of_training(micro, grad_accum=4)
+    for step_big, step_acc in zip(g_big, g_acc):
+        for a, b in zip(step_big, step_acc):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert abs(r_big["train_loss"] - r_acc["train_loss"]) < 1e-5  # the logged loss is the big batch's too
+    # a micro-batch with nothing scored adds no gradient and no NaN
+    empty = {"input_ids": ids[:2], "labels": torch.full_like(labels[:2], -100)}
+    g_nan, r_nan = _grads_of_training([micro[0], empty], grad_accum=2, steps=1)
+    g_one, _ = _grads_of_training([micro[0]], grad_accum=1, steps=1)
+    for a, b in zip(g_nan[0], g_one[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert math.isfinite(r_nan["train_loss"])
+
+
+DDP_SCRIPT = '''
+import sys, torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from test_train import _Batches, _chat_like_rows, _grads_of_training
+ids, labels = _chat_like_rows()
+rank = int(__import__("os").environ["RANK"])
+rows = slice(4 * rank, 4 * rank + 4)  # rank 0 holds the rows with many scored tokens, rank 1 ... differs
+mine = [{"input_ids": ids[rows][i:i + 2], "labels": labels[rows][i:i + 2]} for i in (0, 2)]
+grads, res = _grads_of_training(mine, grad_accum=2)
+if rank == 0:
+    torch.save({"grads": grads, "loss": res["train_loss"]}, sys.argv[1])
+'''
+
+
+def test_ddp_weights_processes_by_their_scored_tokens(tmp_path):
+    # 2 processes x 2 micro-batches of 2 rows = one batch of 8, although each holds a different number of scored tokens
+    script = tmp_path / "ddp_tokens.py"
+    script.write_text(DDP_SCRIPT)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    r = subprocess.run([*launcher, str(script), str(tmp_path / "g.pt"), str(Path(__file__).parent)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ddp = torch.load(tmp_path / "g.pt")
+    ids, labels = _chat_like_rows()
+    one, res = _grads_of_training([{"input_ids": ids, "labels": labels}], grad_accum=1)
+    for step_one, step_ddp in zip(one, ddp["grads"]):
+        for a, b in zip(step_one, step_ddp):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert abs(res["train_loss"] - ddp["loss"]) < 1e-5
