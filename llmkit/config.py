@@ -139,4 +139,13 @@ def load_config(path: str | Path) -> ModelConfig:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"model config {path!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
-    return ModelConfig.from_dict(json.loads(p.read_text()))
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"model config {path} is not valid JSON ({e}); fix the file or name a preset") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"model config {path} must hold a JSON object of ModelConfig fields")
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model config {path}: {e}") from None

@@ -23,12 +23,36 @@ FORMATS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 # reading
 
 
+def check_file(path, what: str = "data file") -> Path:
+    """`path` as a Path if it is a readable file; else one clear error (missing, or a folder where a file belongs)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file")
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return p
+
+
+def read_utf8(path, records: bool = False) -> str:
+    """The whole UTF-8 text of a file; errors name the line (or record) with bad bytes, or say the file is empty."""
+    raw = check_file(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = raw[:e.start].split(b"\n")
+        where = f"line {len(before)}"
+        if records:  # records are the non-blank lines
+            where = f"record {sum(1 for b in before[:-1] if b.strip()) + 1} ({where})"
+        raise ValueError(f"{path}: {where}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+                         "convert the file to UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty; give a text file with some content")
+    return text
+
+
 def read_text(path) -> tuple[str, int]:
     """A file's text decoded as UTF-8 with invalid bytes replaced by U+FFFD, and how many were replaced."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    raw = p.read_bytes()
+    raw = check_file(path).read_bytes()
     text = raw.decode("utf-8", errors="replace")
     # replacement characters that were already in the file are not errors
     bad = text.count("\ufffd") - raw.count("\ufffd".encode())
@@ -42,8 +66,7 @@ def read_texts(path, text_field: str = "text", lines: bool = False) -> list[str]
     if suffix not in FORMATS:
         raise ValueError(f"unsupported data file {path}: use one of {', '.join(FORMATS)}")
     if suffix == ".parquet":
-        if not p.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
+        check_file(p)
         import pyarrow.parquet as pq
 
         table = pq.read_table(p)
@@ -60,10 +83,13 @@ def read_texts(path, text_field: str = "text", lines: bool = False) -> list[str]
         if rows and text_field not in rows[0]:
             raise ValueError(f"{path} has no column {text_field!r} (columns: {list(rows[0])}); pass --text-field")
         return [r[text_field] for r in rows if r[text_field]]
-    if suffix == ".json" and text.lstrip().startswith("["):
-        records = json.loads(text)
-    else:  # .jsonl (also a .json holding one object per line)
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        if suffix == ".json" and text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:  # .jsonl (also a .json holding one object per line)
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); one JSON object a line") from None
     out = []
     for i, r in enumerate(records):
         if not isinstance(r, dict) or text_field not in r:
@@ -96,10 +122,7 @@ def _chunks(docs: list[str], max_chars: int = 1 << 16):
 def tokenize_files(files, tokenizer, cache_dir, text_field: str = "text", lines: bool = False,
                    progress: bool = True) -> np.ndarray:
     """Token ids of all files (documents separated by eos), cached as a .bin memmap in cache_dir."""
-    files = [Path(f) for f in files]
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"data file not found: {f}")
+    files = [check_file(f) for f in files]
     # the cache key covers the files (path, size, mtime), the reading options and the whole tokenizer
     h = hashlib.sha256(tokenizer.hf.to_str().encode())
     for f in files:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit import lora as lora_lib
-from llmkit.data import IGNORE
+from llmkit.data import IGNORE, read_utf8
 from llmkit.pretrain import clm_loss
 
 TASKS = ("chat", "instruct", "classify", "text")
@@ -54,11 +54,7 @@ class FinetuneConfig:
 def read_records(path) -> tuple[list, str]:
     """Records of a JSON/JSONL/CSV/TSV file (dicts) or the text of a .txt file, and the file kind."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    raw = p.read_text(encoding="utf-8")
-    if not raw.strip():
-        raise ValueError(f"{path} is empty")
+    raw = read_utf8(p)
     suffix = p.suffix.lower()
     if suffix in (".csv", ".tsv"):
         rows = list(csv.DictReader(raw.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
