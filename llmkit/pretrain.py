@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmkit.config import ModelConfig, load_config
-from llmkit.data import IGNORE, BlockLoader, split_tokens, tokenize_files
+from llmkit.config import PRESETS, ModelConfig, load_config
+from llmkit.data import IGNORE, BlockLoader, check_file, read_utf8, split_tokens, tokenize_files
 from llmkit.model import Transformer
 from llmkit.train import TrainConfig, setup_distributed, train
 
@@ -88,10 +88,14 @@ def load_run_yaml(path) -> dict:
     """Flags from a YAML file (keys as flag names, dashes or underscores)."""
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--config file not found: {path}")
-    d = yaml.safe_load(p.read_text()) or {}
+    text = read_utf8(path)
+    try:
+        d = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"--config {path} is not valid YAML/JSON{where} ({getattr(e, 'problem', None) or e}); "
+                         "write one `flag: value` per line") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} must hold a mapping of flag: value")
     return {k.replace("-", "_"): v for k, v in d.items()}
@@ -116,26 +120,81 @@ def config_from_flags(flags: dict) -> PretrainConfig:
     return PretrainConfig(**{k: v for k, v in given.items() if k in own}, train=tc)
 
 
-def resolve_model_config(pc: PretrainConfig, tok) -> ModelConfig:
-    """The model config: preset or JSON, size flags applied, vocabulary and special ids from the tokenizer."""
+# settings that must be >= 1 (>= 0 for the second group); checked before anything is written
+_POSITIVE = ("vocab_size", "block_size", "batch_size", "max_tokens", "n_layer", "n_head", "n_kv_head", "n_embd",
+             "max_steps", "grad_accum", "eval_steps", "log_every", "keep_last")
+_NON_NEGATIVE = ("warmup_steps", "eval_every", "save_every", "early_stopping", "weight_decay", "grad_clip",
+                 "sample_tokens")
+
+
+def check_config(pc: PretrainConfig) -> ModelConfig:
+    """Refuse bad settings before any output exists: paths, numbers, the model config; returns the base config."""
+    tc = pc.train
+    if pc.objective not in ("clm", "mlm"):
+        raise ValueError(f"--objective must be clm or mlm, not {pc.objective!r}")
+    for key in _POSITIVE + _NON_NEGATIVE:
+        v = getattr(pc, key) if hasattr(pc, key) else getattr(tc, key)
+        low = 1 if key in _POSITIVE else 0
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < low):
+            raise ValueError(f"--{key.replace('_', '-')} {v!r} must be a number >= {low}")
+    for key, value in (("lr", tc.lr), ("max_time", tc.max_time), ("min_lr", tc.min_lr)):
+        if value is not None and (not isinstance(value, (int, float)) or value < 0 or (key != "min_lr" and not value)):
+            raise ValueError(f"--{key.replace('_', '-')} {value!r} must be a number > 0")
+    if not 0 < pc.val_fraction < 1 and not pc.val_data:
+        raise ValueError(f"--val-fraction {pc.val_fraction} must lie in (0, 1), or pass --val-data")
+    if pc.dropout is not None and not 0 <= pc.dropout < 1:
+        raise ValueError(f"--dropout {pc.dropout} must lie in [0, 1)")
+    out = Path(pc.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {pc.out} is a file; give a folder (new, or a run to --resume)")
+    for f in list(pc.data) + list(pc.val_data or []):
+        if check_file(f).stat().st_size == 0:
+            raise ValueError(f"data file {f} is empty")
+    if pc.tokenizer and not (Path(pc.tokenizer) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"--tokenizer {pc.tokenizer} is not a tokenizer folder (no tokenizer.json in it)")
+    cfg = base_model_config(pc)
+    if pc.objective == "mlm" and cfg.causal:
+        raise ValueError("--objective mlm needs a bidirectional model (causal: false), e.g. --model-config bert-tiny")
+    n_embd, n_head = pc.n_embd or cfg.n_embd, pc.n_head or cfg.n_head
+    if n_embd % n_head:
+        raise ValueError(f"--n-embd {n_embd} must be a multiple of --n-head {n_head}")
+    return cfg
+
+
+def base_model_config(pc: PretrainConfig) -> ModelConfig:
+    """The preset or JSON file --model-config names, before the tokenizer and size flags are applied."""
     name = pc.model_config or ("bert-tiny" if pc.objective == "mlm" else "llama-tiny")
     p = Path(name)
     if p.is_dir():
         p = p / "config.json"
     if p.suffix == ".json" and p.is_file():
-        raw = json.loads(p.read_text())
-        if "llmkit" in raw or "model_type" in raw:  # a model folder's HF config.json
-            from llmkit.checkpoint import config_from_hf
+        try:
+            raw = json.loads(read_utf8(p))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--model-config {p} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"--model-config {p} must hold a JSON object")
+        try:
+            if "llmkit" in raw or "model_type" in raw:  # a model folder's HF config.json
+                from llmkit.checkpoint import config_from_hf
 
-            cfg = ModelConfig.from_dict(raw["llmkit"]) if "llmkit" in raw else config_from_hf(raw)
-        else:
-            cfg = load_config(p)
+                return ModelConfig.from_dict(raw["llmkit"]) if "llmkit" in raw else config_from_hf(raw)
+            return ModelConfig.from_dict(raw)
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"--model-config {p} is not a model config ({type(e).__name__}: {e})") from None
+    return load_config(name)
+
+
+def resolve_model_config(pc: PretrainConfig, tok) -> ModelConfig:
+    """The model config: preset or JSON, size flags applied, vocabulary and special ids from the tokenizer."""
+    name = pc.model_config or ("bert-tiny" if pc.objective == "mlm" else "llama-tiny")
+    cfg = base_model_config(pc)
+    if name not in PRESETS:
         if tok.vocab_size > cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but {name} has vocab_size {cfg.vocab_size}: "
                              f"use a matching tokenizer or config")
         overrides = {}
     else:
-        cfg = load_config(name)
         overrides = {"vocab_size": tok.vocab_size}
     overrides.update({k: v for k, v in (("n_layer", pc.n_layer), ("n_head", pc.n_head), ("n_embd", pc.n_embd),
                                          ("dropout", pc.dropout)) if v is not None})
@@ -190,13 +249,7 @@ def pretrain(pc: PretrainConfig) -> dict:
     """Pretrain a model as pc says; returns the final metrics (val_loss, val_ppl, ...)."""
     tc = pc.train
     tc.out = pc.out
-    if pc.objective not in ("clm", "mlm"):
-        raise ValueError(f"--objective must be clm or mlm, not {pc.objective!r}")
-    for f in list(pc.data) + list(pc.val_data or []):
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"data file not found: {f}")
-        if Path(f).stat().st_size == 0:
-            raise ValueError(f"data file {f} is empty")
+    check_config(pc)
     if not tc.resume and (Path(pc.out) / "checkpoints").is_dir():
         from llmkit.train import find_checkpoint
 
