@@ -19,7 +19,7 @@ import torch
 from llmkit import lora, names
 from llmkit.config import ModelConfig
 from llmkit.model import RMSNorm, Transformer, rope_cache
-from llmkit.tokenizer import write_atomic
+from llmkit.tokenizer import shared_mode, write_atomic
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -197,9 +197,23 @@ def build_model(cfg: ModelConfig, state_dict: dict, dtype=None, device="cpu", st
         state_dict.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")
     missing = expected - set(state_dict)
-    optional = {k for k in missing if k.startswith(("pooler.", "score.", "mlm_", "lm_head."))}
-    if strict and missing - optional:
-        raise ValueError(f"checkpoint is missing {len(missing - optional)} tensors, e.g. {sorted(missing - optional)[:3]}")
+    # a language model's head (and BERT's MLM transform) must come from the checkpoint, a classifier's score and
+    # pooler too; only the parts the model's task never uses may be absent (they get a fresh init below)
+    unused = ("lm_head.", "mlm_") if cfg.num_labels else ("pooler.",)
+    required = sorted(k for k in missing if not k.startswith(unused))
+    if strict and required:
+        heads = [k for k in required if k.startswith(("lm_head.", "mlm_", "score.", "pooler."))]
+        what = f"its {'classification' if cfg.num_labels else 'language-model'} head" if heads == required else \
+            f"{len(required)} tensors"
+        raise ValueError(f"the checkpoint is missing {what} ({', '.join(required[:4])}"
+                         f"{', ...' if len(required) > 4 else ''}): saved without it, or for another architecture; "
+                         "re-export the model with its head")
+    shapes = model.state_dict()
+    for k, v in state_dict.items():
+        if k in shapes and tuple(v.shape) != tuple(shapes[k].shape):
+            raise ValueError(f"config.json does not match the weights: tensor {k} has shape {tuple(v.shape)} in the "
+                             f"checkpoint but the config needs {tuple(shapes[k].shape)}; use the config.json saved "
+                             "with these weights")
     unexpected = set(state_dict) - expected
     state = {k: v.to(device) for k, v in state_dict.items() if k not in unexpected}
     model.load_state_dict(state, strict=False, assign=True)  # takes the tensors as they are: no copy, no init
@@ -298,7 +312,10 @@ def load_model(spec: str | os.PathLike = "default", dtype=None, device="cpu") ->
         raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
     cfg = config_from_hf(hf)
     sd = _read_safetensors(p)
-    model = build_model(cfg, names.from_hf_names(cfg, sd), dtype=dtype, device=device)
+    try:
+        model = build_model(cfg, names.from_hf_names(cfg, sd), dtype=dtype, device=device)
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from None
     gen = {}
     if (p / "generation_config.json").exists():
         gen = json.loads((p / "generation_config.json").read_text())
@@ -333,7 +350,7 @@ def merge_adapter(adapter_dir, out_dir, base: str | None = None, dtype=None) -> 
     lm = load_adapter_model(adapter_dir, dtype=torch.float32, base=base)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    shared_mode(tmp, folder=True)  # mkdtemp makes it private
     try:
         save_model(tmp, lm.model, lm.tokenizer, lm.generation_config, dtype=dtype)
         os.replace(tmp, out)  # an empty `out` is replaced too (POSIX rename onto an empty folder)
@@ -494,6 +511,7 @@ def default_model_dir() -> Path:
     lm = load_gguf(default_gguf_path(), dtype=torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}.", dir=out.parent))
+    shared_mode(tmp, folder=True)
     save_model(tmp, lm.model, lm.tokenizer, lm.generation_config, dtype="bfloat16")
     try:
         os.rename(tmp, out)  # atomic: a concurrent converter either wins or finds ours
