@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit import metrics
+from llmkit.data import read_utf8
 from llmkit.model import KVCache
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -31,22 +32,7 @@ from llmkit.model import KVCache
 
 def read_text(path, records: bool = False) -> str:
     """The whole UTF-8 text of a file; errors name the line (or record) with bad bytes, or say the file is empty."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        before = raw[:e.start].split(b"\n")
-        where = f"line {len(before)}"
-        if records:  # records are the non-blank lines
-            where = f"record {sum(1 for b in before[:-1] if b.strip()) + 1} ({where})"
-        raise ValueError(f"{path}: {where}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
-                         "convert the file to UTF-8") from None
-    if not text.strip():
-        raise ValueError(f"{path}: the file is empty; give a text file with some content")
-    return text
+    return read_utf8(path, records)
 
 
 def read_records(path) -> list[dict]:
@@ -294,6 +280,8 @@ def rolling_loglikelihood(model, tokens: list[int], prefix: int, context: int, s
 def evaluate_perplexity(lm, data, context: int | None = None, stride: int | None = None, batch_size: int = 8,
                         limit: int | None = None, progress: bool = False) -> dict:
     """Token, word and byte perplexity and bits per byte of a text file, as lm-eval's wikitext task computes them."""
+    _need_causal_lm(lm, "perplexity")
+    _check_limit(limit)
     text = read_text(data)
     if limit:
         text = "".join(text.splitlines(keepends=True)[:limit])
@@ -385,6 +373,8 @@ def choice_metrics(records: list[dict], lls: list[list[float]]) -> tuple[dict, d
 def evaluate_choice(lm, data, query_field="query", choices_field="choices", label_field="label", num_fewshot=0,
                     limit=None, batch_size=32, progress=False, plot=None) -> dict:
     """acc, acc_norm, acc_bytes (lm-eval's multiple_choice) with calibration and bootstrap intervals."""
+    _need_causal_lm(lm, "multiple-choice scoring")
+    _check_limit(limit)
     records = load_choice_records(data, query_field, choices_field, label_field)
     if limit:
         records = records[:limit]
@@ -448,6 +438,8 @@ def evaluate_generate(lm, data, params=None, prompt_field="prompt", reference_fi
     """Generate for every prompt through the engine (batched) and score against the references."""
     from llmkit.engine import Engine, SamplingParams
 
+    _need_causal_lm(lm, "generation")
+    _check_limit(limit)
     records = load_generate_records(data, prompt_field, reference_field)
     if limit:
         records = records[:limit]
@@ -476,7 +468,8 @@ def evaluate_generate(lm, data, params=None, prompt_field="prompt", reference_fi
 
 
 def load_classify_records(path, text_field="text", label_field="label", labels: list[str] | None = None) -> list[dict]:
-    """(text, label index) records from .jsonl/.json or a TSV `text<TAB>label` file (SST-2 layout)."""
+    """(text, label index) records from .jsonl/.json or a TSV `text<TAB>label` file (SST-2 layout); labels=None checks
+    the file's structure only (string labels are kept as they are)."""
     if str(path).endswith((".tsv", ".txt")):
         rows = []
         for n, line in enumerate(read_text(path).splitlines(), 1):
@@ -488,11 +481,16 @@ def load_classify_records(path, text_field="text", label_field="label", labels: 
             rows.append({text_field: parts[0], label_field: parts[1]})
         if rows and rows[0][label_field] == "label":  # header line
             rows = rows[1:]
+        if not rows:
+            raise ValueError(f"{path}: no records (a header line only?); give one 'text<TAB>label' line a record")
     else:
         rows = read_records(path)
     out = []
     for i, r in enumerate(rows, 1):
         text, label = _field(path, i, r, text_field, str), _field(path, i, r, label_field)
+        if labels is None and isinstance(label, str):  # label names are checked once the model's are known
+            out.append({"text": text, "label": label})
+            continue
         if labels and isinstance(label, str) and label in labels:
             label = labels.index(label)
         elif isinstance(label, str) and label.strip().lstrip("-").isdigit():
@@ -515,6 +513,7 @@ def evaluate_classify(lm, data, text_field="text", label_field="label", limit=No
         raise ValueError(f"{lm.path} has no classification head (num_labels = 0): fine-tune a classifier first, "
                          "or score label words with `llmkit eval choice`")
     labels = [(cfg.id2label or {}).get(str(i), str(i)) for i in range(cfg.num_labels)]
+    _check_limit(limit)
     records = load_classify_records(data, text_field, label_field, labels)
     if limit:
         records = records[:limit]
@@ -541,6 +540,22 @@ def evaluate_classify(lm, data, text_field="text", label_field="label", limit=No
 
 # ---------------------------------------------------------------------------------------------------------------
 # Output
+
+
+def _need_causal_lm(lm, what: str):
+    """Log-likelihoods and generation need a causal LM: an encoder's or a classifier's numbers would mean nothing."""
+    cfg = lm.model.config
+    if not cfg.causal:
+        raise ValueError(f"{lm.path} is a masked (encoder, BERT-style) language model: {what} needs a causal "
+                         "(decoder) model; a masked LM's validation loss is in its training metrics.jsonl")
+    if cfg.num_labels:
+        raise ValueError(f"{lm.path} is a classifier ({cfg.num_labels} labels): {what} needs a language model; "
+                         "score it with `llmkit eval classify`")
+
+
+def _check_limit(limit):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit {limit!r} must be a positive number of records; use None for all of them")
 
 
 def _need_tokenizer(lm):
