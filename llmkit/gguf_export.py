@@ -17,6 +17,7 @@ import torch
 from llmkit.checkpoint import LoadedModel
 from llmkit.config import ModelConfig
 from llmkit.names import GGUF, rename
+from llmkit.tokenizer import shared_mode
 
 QUANTS = ("f16", "q8_0")
 
@@ -165,7 +166,7 @@ def export_gguf(lm: LoadedModel, out_path, quant: str = "f16", name: str | None 
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model file is meant to be shared
+        shared_mode(tmp)  # mkstemp creates 0600; a model file is meant to be shared
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -159,6 +159,8 @@ def text_metrics(hypotheses: list[str], references: list[list[str]]) -> dict:
 
 
 def _save_figure(fig, path):
+    from llmkit.tokenizer import shared_mode
+
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -166,6 +168,7 @@ def _save_figure(fig, path):
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        shared_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
