@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from llmkit import cli_checks as checks
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
@@ -46,11 +48,14 @@ def _device(args):
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load(args):
+def _load(args, check=None):
+    """The --model, checked by check(lm) (if given) before anything is printed."""
     from llmkit.checkpoint import load_model
 
     t0 = time.time()
     lm = load_model(args.model, dtype=args.dtype, device=_device(args))
+    if check is not None:
+        check(lm)
     print(f"[loaded {lm.path} in {time.time() - t0:.2f} s]", file=sys.stderr)
     return lm
 
@@ -68,8 +73,6 @@ def _params(args, default_temperature=0.0):
 def _engine(lm, compile=False):
     from llmkit.engine import Engine
 
-    if lm.tokenizer is None:
-        raise ValueError(f"{lm.path} has no tokenizer.json; generation needs one")
     return Engine(lm.model, lm.tokenizer, lm.generation_config, compile=compile)
 
 
@@ -87,9 +90,10 @@ def add_generate(sub):
 
 
 def cmd_generate(args):
+    params = _params(args)  # bad sampling flags fail before the model loads
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    lm = _load(args)
-    engine, params = _engine(lm, args.compile), _params(args)
+    lm = _load(args, checks.generative)
+    engine = _engine(lm, args.compile)
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": prompt}]
@@ -113,9 +117,9 @@ def add_chat(sub):
 
 
 def cmd_chat(args):
-    lm = _load(args)
-    engine = _engine(lm, args.compile)
     params = _params(args, default_temperature=0.0 if not sys.stdin.isatty() else 0.7)
+    lm = _load(args, checks.generative)
+    engine = _engine(lm, args.compile)
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
@@ -208,14 +212,14 @@ def cmd_convert(args):
     if args.to == "gguf":
         from llmkit.gguf_export import export_gguf
 
+        checks.output_file(out, "OUT")
         if out.exists():
             raise ValueError(f"{out} already exists; choose a new output file")
         lm = load_model(args.src, dtype="float32")
         export_gguf(lm, out, quant=args.quant)
         print(f"wrote {out} ({args.quant.upper()}, {out.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
         return 0
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty; choose a new output folder")
+    checks.output_dir(out, "OUT", empty=True)
     lm = load_model(args.src, dtype="float32")
     export_hf(lm, out, dtype=args.dtype)
     print(f"wrote {out} ({lm.config.family}, {lm.model.num_params():,} parameters)", file=sys.stderr)
@@ -234,6 +238,7 @@ def add_merge(sub):
 def cmd_merge(args):
     from llmkit.checkpoint import merge_adapter
 
+    checks.output_dir(args.out, empty=True)
     out = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype)
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -278,6 +283,7 @@ def serve_config(args):
         models[name] = path
     key = args.api_key
     if args.api_key_file:
+        checks.input_file(args.api_key_file, "--api-key-file")
         key = Path(args.api_key_file).read_text().strip()
         if not key:
             raise ValueError(f"{args.api_key_file} is empty; put the API key in it")
@@ -289,10 +295,36 @@ def serve_config(args):
 
 
 def cmd_serve(args):
+    from llmkit.checkpoint import load_model
     from llmkit.server import serve
 
-    serve(serve_config(args))
+    checks.port(args.port)
+    cfg = serve_config(args)
+    sock = _bind(cfg.host, cfg.port)  # a taken port fails now, not after the models load
+    for name, spec in cfg.models.items():  # a missing or unusable model fails at start, not as 503s later
+        lm = load_model(spec, dtype=cfg.dtype, device=cfg.device)
+        checks.generative(lm, "serving")
+        cfg.models[name] = lm
+    serve(cfg, sock=sock)
     return 0
+
+
+def _bind(host: str, port: int):
+    """A TCP socket bound to host:port (uvicorn listens on it later), or one clear error."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: {e.strerror}; give an address such as 127.0.0.1 or 0.0.0.0") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
+    return sock
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,6 +346,10 @@ def add_tokenizer(sub):
 def cmd_tokenizer_train(args):
     from llmkit.tokenizer_train import describe, train_tokenizer
 
+    for f in args.files:
+        checks.input_file(f, "training file")
+    checks.output_dir(args.out)
+    checks.at_least(args, 1, "--vocab-size")
     tok = train_tokenizer(args.files, args.vocab_size, args.out, char=args.char, text_field=args.text_field)
     print(describe(tok, args.files, args.out, args.text_field))
 
@@ -444,11 +480,19 @@ def _plot_path(args, name):
     return out.with_name(f"{out.stem}.{name}.png")
 
 
+def _eval_checks(args):
+    checks.limit(args)
+    checks.at_least(args, 1, "--batch-size", "--context", "--stride", "--max-new-tokens")
+    checks.at_least(args, 0, "--num-fewshot")
+    checks.output_file(args.out)
+
+
 def cmd_eval_perplexity(args):
     from llmkit.evaluate import evaluate_perplexity, read_text
 
+    _eval_checks(args)
     read_text(args.data)  # bad data fails before the model loads
-    res = evaluate_perplexity(_load(args), args.data, context=args.context, stride=args.stride,
+    res = evaluate_perplexity(_load(args, lambda lm: checks.generative(lm, "perplexity")), args.data, context=args.context, stride=args.stride,
                               batch_size=args.batch_size, limit=args.limit, progress=args.progress)
     return _eval_finish(args, res)
 
@@ -456,8 +500,9 @@ def cmd_eval_perplexity(args):
 def cmd_eval_choice(args):
     from llmkit.evaluate import evaluate_choice, load_choice_records
 
+    _eval_checks(args)
     load_choice_records(args.data, args.query_field, args.choices_field, args.label_field)  # fail before loading
-    res = evaluate_choice(_load(args), args.data, args.query_field, args.choices_field, args.label_field,
+    res = evaluate_choice(_load(args, lambda lm: checks.generative(lm, "multiple-choice scoring")), args.data, args.query_field, args.choices_field, args.label_field,
                           num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                           progress=args.progress, plot=_plot_path(args, "reliability"))
     return _eval_finish(args, res)
@@ -466,22 +511,26 @@ def cmd_eval_choice(args):
 def cmd_eval_generate(args):
     from llmkit.evaluate import evaluate_generate, load_generate_records
 
+    _eval_checks(args)
+    params = _params(args)
     load_generate_records(args.data, args.prompt_field, args.reference_field)  # fail before loading
-    res = evaluate_generate(_load(args), args.data, _params(args), args.prompt_field, args.reference_field,
+    lm = _load(args, lambda lm: checks.generative(lm, "eval generate"))
+    res = evaluate_generate(lm, args.data, params, args.prompt_field, args.reference_field,
                             chat=args.chat, limit=args.limit, batch_size=args.batch_size, progress=args.progress)
     return _eval_finish(args, res)
 
 
 def cmd_eval_classify(args):
-    from llmkit.evaluate import evaluate_classify, read_text
+    from llmkit.evaluate import evaluate_classify, load_classify_records
 
-    read_text(args.data)  # a missing, empty or non-UTF-8 file fails before loading
+    _eval_checks(args)
+    load_classify_records(args.data, args.text_field, args.label_field)  # bad data fails before loading
     plots = None
     if args.out:
         from pathlib import Path
 
         plots = str(Path(args.out).with_suffix("")) + "_plots"
-    res = evaluate_classify(_load(args), args.data, args.text_field, args.label_field, limit=args.limit,
+    res = evaluate_classify(_load(args, checks.classifier), args.data, args.text_field, args.label_field, limit=args.limit,
                             batch_size=args.batch_size, progress=args.progress, plots=plots)
     return _eval_finish(args, res)
 
@@ -543,6 +592,20 @@ def cmd_finetune(args):
     from llmkit.finetune import FinetuneConfig, finetune
     from llmkit.train import TrainConfig
 
+    if args.epochs is not None and args.max_steps is not None:
+        raise ValueError("give --epochs or --max-steps, not both (--epochs sets the number of steps)")
+    checks.at_least(args, 1, "--lora-r", "--lora-layers", "--max-steps", "--batch-size", "--grad-accum",
+                    "--max-length")
+    checks.at_least(args, 0, "--warmup-steps", "--early-stopping", "--save-every", "--eval-every")
+    checks.in_range(args, "--val-fraction", 0, 1, lo_open=True, hi_open=True)
+    checks.in_range(args, "--lora-dropout", 0, 1, hi_open=True)
+    for flag in ("--lora-alpha", "--lr", "--epochs", "--max-time"):
+        v = getattr(args, flag[2:].replace("-", "_"))
+        if v is not None and not v > 0:
+            raise ValueError(f"{flag} {v} must be > 0")
+    for flag, path in (("--data", args.data), ("--val-data", args.val_data)):
+        checks.input_file(path, flag)
+    checks.output_dir(args.out)
     targets = [t for t in args.lora_targets.split(",") if t.strip()]
     fc = FinetuneConfig(data=args.data, out=args.out, model=args.model, task=args.task, method=args.method,
                         val_data=args.val_data, val_fraction=args.val_fraction, max_length=args.max_length,
@@ -576,13 +639,17 @@ def add_classify(sub):
 def cmd_classify(args):
     import json
 
+    from llmkit.data import read_utf8
+
+    checks.at_least(args, 1, "--batch-size", "--max-length")
     texts = list(args.texts)
     if args.input:
-        src = sys.stdin.read() if args.input == "-" else open(args.input, encoding="utf-8").read()
+        checks.input_file(args.input, "--input")
+        src = sys.stdin.read() if args.input == "-" else read_utf8(args.input)
         texts += [line for line in src.splitlines() if line.strip()]
     if not texts:
         raise ValueError("nothing to classify: give texts as arguments or --input FILE")
-    lm = _load(args)
+    lm = _load(args, checks.classifier)
     from llmkit.finetune import predict_proba
 
     probs = predict_proba(lm.model, lm.tokenizer, texts, args.max_length, args.batch_size)
@@ -626,17 +693,35 @@ def _version():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handler = getattr(args, "handler", None) or globals()[f"cmd_{args.command.replace('-', '_')}"]
+    out = getattr(args, "out", None)
+    fresh = out is not None and not os.path.lexists(out)
     try:
         return handler(args) or 0
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        print(f"llmkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (ValueError, OSError) as e:  # user errors; OSError: a path, permission or full disk, said in one line
+        msg = str(e) if isinstance(e, ValueError) or not e.strerror else \
+            f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        print(f"llmkit {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        if fresh:
+            _remove_partial(out)
+        return 2
+
+
+def _remove_partial(out):
+    """Remove what a failed command left at an --out path that did not exist before it (never a run's checkpoints)."""
+    import shutil
+    from pathlib import Path
+
+    p = Path(out)
+    if p.is_dir() and not (p / "checkpoints").exists():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.is_file():
+        p.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -566,12 +566,20 @@ class BackgroundServer:
         self.sock.close()
 
 
-def serve(cfg: ServeConfig):
-    """Run the server in the foreground until Ctrl-C."""
+def serve(cfg: ServeConfig, sock=None):
+    """Run the server in the foreground until Ctrl-C; `sock` is a socket already bound to the address (optional)."""
     import uvicorn
 
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach it can use it")
-    print(f"llmkit serving {', '.join(cfg.models)} on http://{cfg.host}:{cfg.port} (web chat at /, API at /v1)",
-          flush=True)
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning")
+    port = sock.getsockname()[1] if sock is not None else cfg.port
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # said once the port listens: a script that waits for this line can connect
+                print(f"llmkit serving {', '.join(cfg.models)} on http://{cfg.host}:{port} (web chat at /, "
+                      "API at /v1)", flush=True)
+
+    server = Server(uvicorn.Config(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning"))
+    server.run(sockets=None if sock is None else [sock])
