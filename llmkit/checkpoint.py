@@ -263,6 +263,7 @@ def save_model(out_dir, model: Transformer, tokenizer=None, generation_config: d
                for k, v in tensors.items()}
     tmp = out / f".model.safetensors.tmp{os.getpid()}"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    shared_mode(tmp)  # safetensors creates its files 0600
     os.replace(tmp, out / "model.safetensors")
     hf = config_to_hf(cfg)
     some = next(iter(tensors.values()))

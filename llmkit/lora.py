@@ -18,7 +18,7 @@ import torch.nn as nn
 from llmkit.config import ModelConfig
 from llmkit.model import Transformer, fused_linear
 from llmkit.names import hf_module
-from llmkit.tokenizer import write_atomic
+from llmkit.tokenizer import shared_mode, write_atomic
 
 # --lora-targets short names -> llmkit module names (the last part of layers.N.self_attn.q_proj ...)
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -182,6 +182,7 @@ def save_adapter(out_dir, model: Transformer, lora: LoRAConfig, base: str, token
     tensors = {k: v.detach().contiguous().cpu() for k, v in _peft_names(cfg, lora_state_dict(model, extra)).items()}
     tmp = out / f".adapter_model.safetensors.tmp{os.getpid()}"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    shared_mode(tmp)  # safetensors creates its files 0600
     os.replace(tmp, out / "adapter_model.safetensors")
     modules = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)})
     if cfg.family != "llama":  # BERT/GPT-2 module names repeat ("dense"), so list each module by its full name

@@ -1,5 +1,6 @@
 """Model folders: parity with transformers on tiny random models of all three families, both directions."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +97,53 @@ def test_bad_folders_give_clear_errors(tmp_path):
     g.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(ValueError, match="cannot read GGUF"):
         load_model(g)
+
+
+@pytest.mark.parametrize("name,drop", [("llama", "lm_head.weight"), ("bert", "cls.predictions.transform.dense.weight"),
+                                       ("bert", "cls.predictions.bias"), ("bert-cls", "bert.pooler.dense.weight"),
+                                       ("llama-cls", "score.weight")])
+def test_a_missing_head_fails_with_its_names(tmp_path, name, drop):
+    from safetensors.torch import load_file, save_file
+
+    hf = dict(hf_models())[name]
+    hf.save_pretrained(tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    sd = load_file(f)
+    assert drop in sd
+    del sd[drop]
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing its (language-model|classification) head \(.*(mlm_dense|lm_head|"
+                                         r"pooler|score)"):
+        load_model(tmp_path / "m")
+
+
+def test_bert_without_pooler_still_loads_as_a_masked_lm(tmp_path):
+    # BertForMaskedLM checkpoints carry no pooler: it is not part of the masked-LM task
+    hf = dict(hf_models())["bert"].eval()
+    assert not any(k.startswith("bert.pooler") for k in hf.state_dict())
+    hf.save_pretrained(tmp_path / "m")
+    lm = load_model(tmp_path / "m", dtype="float32")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_model_files_get_the_mode_the_umask_gives(tmp_path, mask):
+    import os
+    import stat
+
+    from llmkit.evaluate import write_results
+    from llmkit.tokenizer_train import train_tokenizer
+
+    old = os.umask(mask)
+    try:
+        tok = train_tokenizer([Path(__file__).parent / "data" / "tinyshakespeare_head.txt"], 300)
+        save_model(tmp_path / "m", Transformer(preset("llama-tiny", vocab_size=tok.vocab_size)), tok)
+        write_results(tmp_path / "r" / "results.json", {"acc": 1.0})
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "m").iterdir(), tmp_path / "r" / "results.json"]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in files}
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
