@@ -568,6 +568,7 @@ def add_finetune(sub):
     a("--lora-r", type=int, default=8, help="LoRA rank")
     a("--lora-alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / r)")
     a("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    a("--lora-rslora", action="store_true", help="rank-stabilized LoRA: scale the update by alpha / sqrt(r)")
     a("--lora-targets", default="q,k,v,o", help="comma-separated: q,k,v,o,gate,up,down or all")
     a("--lora-layers", type=int, default=None, help="adapters on the top N blocks only (faster backward)")
     a("--epochs", type=float, default=None, help="passes over the training data (sets --max-steps)")
@@ -611,7 +612,8 @@ def cmd_finetune(args):
                         val_data=args.val_data, val_fraction=args.val_fraction, max_length=args.max_length,
                         batch_size=args.batch_size, text_column=args.text_column, label_column=args.label_column,
                         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        lora_targets=targets, lora_layers=args.lora_layers, seed=args.seed, device=_device(args))
+                        lora_rslora=args.lora_rslora, lora_targets=targets, lora_layers=args.lora_layers,
+                        seed=args.seed, device=_device(args))
     lr = args.lr if args.lr is not None else (2e-4 if args.method == "lora" else 2e-5)
     tc = TrainConfig(max_steps=args.max_steps or 0, max_time=args.max_time, lr=lr,
                      warmup_steps=args.warmup_steps if args.warmup_steps is not None else -1, weight_decay=0.0,

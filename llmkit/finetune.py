@@ -41,6 +41,7 @@ class FinetuneConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
+    lora_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r)
     lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
     lora_layers: int | list[int] | None = None  # top N blocks, or these block indices; None: all (faster if fewer)
     seed: int = 0
@@ -418,7 +419,8 @@ def prepare(fc: FinetuneConfig):
         if not 0 < layers <= n:
             raise ValueError(f"--lora-layers {layers} must be between 1 and the model's {n} layers")
         layers = list(range(n - layers, n))
-    lcfg = lora_lib.LoRAConfig(fc.lora_r, fc.lora_alpha, fc.lora_dropout, list(fc.lora_targets), layers)
+    lcfg = lora_lib.LoRAConfig(fc.lora_r, fc.lora_alpha, fc.lora_dropout, list(fc.lora_targets), layers,
+                               use_rslora=fc.lora_rslora)
     if fc.method == "lora":
         lora_lib.inject_lora(model, lcfg, trainable=extra)
     return dict(lm=lm, task=task, train=train_ex, val=val_ex, val_texts=vtexts, val_golds=vgolds, lora=lcfg,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,10 +34,35 @@ class LoRAConfig:
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
     layers: list[int] | None = None  # only these block indices (PEFT's layers_to_transform); None: every block
+    use_rslora: bool = False  # rank-stabilized LoRA (Kalajdzievski 2023): scale by alpha / sqrt(r), not alpha / r
+    rank_pattern: dict = field(default_factory=dict)  # PEFT's per-module rank: {module-name regex: r}
+    alpha_pattern: dict = field(default_factory=dict)  # PEFT's per-module alpha: {module-name regex: alpha}
+
+    def __post_init__(self):
+        for what, v in [("r", self.r), *((f"rank_pattern[{k!r}]", x) for k, x in self.rank_pattern.items())]:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"LoRA {what} must be an integer >= 1, got {v!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return self.scaling_of(self.r, self.alpha)
+
+    def scaling_of(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def for_module(self, hf_name: str) -> tuple[int, float]:
+        """(r, alpha) of one module, by its Hugging Face name, through rank_pattern/alpha_pattern as PEFT matches."""
+        return (_pattern(self.rank_pattern, hf_name, self.r), float(_pattern(self.alpha_pattern, hf_name, self.alpha)))
+
+
+def _pattern(patterns: dict, name: str, default):
+    # peft.utils.other.get_pattern_key: the first key that matches the end of the name at a dot boundary
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 class LoRALinear(nn.Linear):
@@ -46,15 +72,16 @@ class LoRALinear(nn.Linear):
     checkpoint names and the adapter tensors are `<module>.lora_A.weight` / `<module>.lora_B.weight`, as in PEFT.
     """
 
-    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig, r: int | None = None, alpha: float | None = None):
         nn.Module.__init__(self)
+        r, alpha = r or cfg.r, cfg.alpha if alpha is None else alpha
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Linear(self.in_features, cfg.r, **kw)
-        self.lora_B = nn.Linear(cfg.r, self.out_features, **kw)
+        self.lora_A = nn.Linear(self.in_features, r, **kw)
+        self.lora_B = nn.Linear(r, self.out_features, **kw)
         self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.scaling = cfg.scaling
+        self.scaling = cfg.scaling_of(r, alpha)
         # PEFT's default init: A ~ kaiming-uniform, B = 0, so the adapted model starts equal to the base
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
@@ -115,7 +142,8 @@ def inject_lora(model: Transformer, cfg: LoRAConfig, trainable: tuple[str, ...] 
         p.requires_grad_(False)
     for name in names:
         parent, child = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(name), cfg))
+        r, alpha = cfg.for_module(hf_module(model.config, name))
+        setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(name), cfg, r, alpha))
     for name in trainable:  # e.g. the classification head, trained fully (PEFT's modules_to_save)
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -192,9 +220,9 @@ def save_adapter(out_dir, model: Transformer, lora: LoRAConfig, base: str, token
         "peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.num_labels else "CAUSAL_LM",
         "base_model_name_or_path": base, "r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
         "target_modules": modules, "modules_to_save": hf_extra or None, "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "inference_mode": True, "init_lora_weights": True, "use_rslora": lora.use_rslora, "use_dora": False,
         "layers_to_transform": lora.layers, "layers_pattern": "layers" if lora.layers is not None else None,
-        "rank_pattern": {}, "alpha_pattern": {},
+        "rank_pattern": dict(lora.rank_pattern), "alpha_pattern": dict(lora.alpha_pattern),
     }
     # what llmkit needs to rebuild the model and to refuse a different base model (own file: peft warns on extra keys)
     meta = {"targets": list(lora.targets), "layers": lora.layers, "modules_to_save": list(extra),
@@ -223,6 +251,15 @@ def read_adapter_config(path) -> dict:
         raise ValueError(f"{p} is not valid JSON ({e})") from None
     if ac.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path} holds a {ac.get('peft_type')} adapter; llmkit loads LoRA adapters only")
+    # variants whose arithmetic llmkit does not implement: refused, never loaded as plain LoRA
+    unsupported = [(ac.get("use_dora"), "use_dora (DoRA)"), (ac.get("bias", "none") != "none", "bias"),
+                   (ac.get("lora_bias"), "lora_bias"),
+                   (ac.get("use_qalora"), "use_qalora"), (ac.get("layer_replication"), "layer_replication"),
+                   (ac.get("target_parameters"), "target_parameters")]
+    bad = [name for on, name in unsupported if on]
+    if bad:
+        raise ValueError(f"{path} is a LoRA adapter with {', '.join(bad)}, which llmkit does not support; fold it "
+                         "into its base with peft (merge_and_unload, then save_pretrained) and load that folder")
     return ac
 
 
@@ -255,7 +292,9 @@ def attach_adapter(model: Transformer, path, ac: dict | None = None) -> Transfor
         add_classifier(model, meta.get("id2label") or {str(i): f"LABEL_{i}" for i in range(meta["num_labels"])})
     targets = meta.get("targets") or _targets_from_peft(ac["target_modules"])
     lora = LoRAConfig(r=int(ac["r"]), alpha=float(ac["lora_alpha"]), dropout=float(ac.get("lora_dropout", 0.0)),
-                      targets=targets, layers=meta.get("layers", ac.get("layers_to_transform")))
+                      targets=targets, layers=meta.get("layers", ac.get("layers_to_transform")),
+                      use_rslora=bool(ac.get("use_rslora")), rank_pattern=dict(ac.get("rank_pattern") or {}),
+                      alpha_pattern=dict(ac.get("alpha_pattern") or {}))
     extra = tuple(meta.get("modules_to_save") or ())
     inject_lora(model, lora, trainable=extra)
     f = path / "adapter_model.safetensors"

@@ -54,7 +54,7 @@ def test_targets_that_name_no_layer_are_refused():
 
 
 def _adapter(tmp_path, name="llama-tiny", num_labels=0, targets=("q", "k", "v", "o", "gate", "up", "down"),
-             layers=None):
+             layers=None, **lora_kw):
     """A base folder plus a trained-looking adapter folder; returns (base_dir, adapter_dir, model with adapter)."""
     base = _tiny(name, pad_token_id=0)
     save_model(tmp_path / "base", base)
@@ -63,20 +63,29 @@ def _adapter(tmp_path, name="llama-tiny", num_labels=0, targets=("q", "k", "v", 
     if num_labels:
         lora.add_classifier(model, {str(i): f"class{i}" for i in range(num_labels)})
         extra = ("score",)
-    lcfg = lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=list(targets), layers=layers)
+    lcfg = lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=list(targets), layers=layers, **lora_kw)
     lora.inject_lora(model, lcfg, trainable=extra)
     _randomize_adapters(model)
     lora.save_adapter(tmp_path / "adapter", model, lcfg, base=str(tmp_path / "base"), extra=extra)
     return tmp_path / "base", tmp_path / "adapter", model.eval()
 
 
-@pytest.mark.parametrize("name,num_labels,layers", [("llama-tiny", 0, None), ("llama-tiny", 3, [1]),
-                                                    ("bert-tiny", 2, None)])
-def test_peft_loads_the_adapter_with_the_same_logits(tmp_path, name, num_labels, layers):
+PATTERNS = dict(use_rslora=True, rank_pattern={"q_proj": 2, "layers.1.self_attn.v_proj": 6},
+                alpha_pattern={"o_proj": 3.0, "down_proj": 12.0})
+
+
+@pytest.mark.parametrize("name,num_labels,layers,kw", [("llama-tiny", 0, None, {}), ("llama-tiny", 3, [1], {}),
+                                                       ("bert-tiny", 2, None, {}), ("llama-tiny", 0, None, PATTERNS)],
+                         ids=["llama", "llama-cls-layer1", "bert-cls", "llama-rslora-patterns"])
+def test_peft_loads_the_adapter_with_the_same_logits(tmp_path, name, num_labels, layers, kw):
     import peft
 
     targets = ("q", "v", "up") if name == "bert-tiny" else ("q", "k", "v", "o", "gate", "up", "down")
-    base_dir, adapter_dir, model = _adapter(tmp_path, name, num_labels, targets, layers)
+    base_dir, adapter_dir, model = _adapter(tmp_path, name, num_labels, targets, layers, **kw)
+    if kw:  # per-module ranks as the patterns say
+        assert model.layers[0].self_attn.q_proj.lora_A.weight.shape[0] == 2
+        assert model.layers[1].self_attn.v_proj.lora_A.weight.shape[0] == 6
+        assert model.layers[0].self_attn.v_proj.lora_A.weight.shape[0] == 4
     if layers:  # adapters only on the chosen blocks (PEFT's layers_to_transform)
         assert all(isinstance(model.layers[i].self_attn.q_proj, lora.LoRALinear) == (i in layers) for i in range(2))
     ac = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -132,3 +141,54 @@ def test_adapter_for_a_different_base_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "different base model" in err and err.count("\n") == 1
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("kw", [dict(use_rslora=True), PATTERNS, dict(rank_pattern={"k_proj": 1})],
+                         ids=["rslora", "rslora-patterns", "rank-pattern"])
+def test_adapters_made_by_peft_load_with_peft_arithmetic(tmp_path, kw):
+    # rank-stabilized scaling (alpha / sqrt(r)) and per-module rank/alpha patterns, made and run by peft itself
+    import peft
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "base")
+    pc = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+                         init_lora_weights=False, **kw)  # random B: the adapter changes the logits
+    pm = peft.get_peft_model(hf, pc).eval()
+    pm.save_pretrained(tmp_path / "adapter")
+    kwargs = dict(attention_mask=MASK, position_ids=(MASK.cumsum(-1) - 1).clamp(min=0))
+    with torch.no_grad():
+        theirs = pm(input_ids=IDS, **kwargs).logits
+    lm = checkpoint.load_adapter_model(tmp_path / "adapter", base=str(tmp_path / "base"), dtype="float32")
+    with torch.no_grad():
+        ours = lm.model(IDS, attention_mask=MASK)
+    keep = MASK.bool()
+    assert (ours[keep] - theirs[keep]).abs().max() <= 1e-4
+
+
+def test_dora_and_other_unsupported_variants_are_refused(tmp_path):
+    import peft
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    hf = transformers.LlamaForCausalLM(cfg)
+    hf.save_pretrained(tmp_path / "base")
+    peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(
+        tmp_path / "dora")
+    with pytest.raises(ValueError, match=r"use_dora \(DoRA\).*merge_and_unload"):
+        checkpoint.load_adapter_model(tmp_path / "dora", base=str(tmp_path / "base"))
+    ac = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
+    ac.update(use_dora=False, bias="all")
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps(ac))
+    with pytest.raises(ValueError, match="with bias"):
+        checkpoint.load_adapter_model(tmp_path / "dora", base=str(tmp_path / "base"))
+
+
+def test_lora_rank_must_be_positive():
+    with pytest.raises(ValueError, match="r must be an integer >= 1"):
+        lora.LoRAConfig(r=0)
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\]"):
+        lora.LoRAConfig(rank_pattern={"q_proj": 0})
