@@ -434,6 +434,15 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab})", "tokens")
         return {"prompt": m.engine.tok.decode(ids)}
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request, model: str | None = None):
+        # vLLM's route, which lm-eval's `tokenizer_backend=remote` reads (with /tokenize and /detokenize)
+        check_key(request)
+        m = model_of({"model": model} if model else {})
+        tok = m.engine.tok
+        return {**{k: tok.special_tokens.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
+                "chat_template": tok.chat_template, "model_max_length": m.context, "vocab_size": tok.vocab_size}
+
     @app.get("/health")
     async def health():
         if state["error"]:

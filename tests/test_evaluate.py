@@ -301,3 +301,24 @@ def test_default_model_prefers_the_sensible_choice(default_lm, tmp_path):
         {"query": "Water boils at one hundred degrees", "choices": ["Celsius.", "horses."], "label": 0}) + "\n")
     res = evaluate.evaluate_choice(default_lm, data)
     assert res["acc"] == 1.0 and res["predictions"] == [1, 0]
+
+
+def test_example_task_yaml_runs_offline_with_lm_eval(tiny_hf, tmp_path, monkeypatch, capsys):
+    # README's local HellaSwag task: lm-eval reads the JSONL with no Hub, and scores as `llmkit eval choice` does
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from llmkit.lm_eval_model import LlmkitLM
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the YAML's data_files is relative to the repository root
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = TaskManager(include_path=str(root / "examples" / "lm_eval"), include_defaults=False)  # no task index
+    lm = LlmkitLM.create_from_arg_string(f"pretrained={tiny_hf},dtype=float32,batch_size=8")
+    out = lm_eval.simple_evaluate(model=lm, tasks=["hellaswag_local"], task_manager=tasks)
+    res = out["results"]["hellaswag_local"]
+    rc, _, err = _run_cli(["eval", "choice", "--model", str(tiny_hf), "--data", str(HELLASWAG), "--dtype", "float32",
+                           "--out", str(tmp_path / "ours.json"), "--no-progress"], capsys)
+    ours = json.loads((tmp_path / "ours.json").read_text())
+    assert (res["acc,none"], res["acc_norm,none"]) == (ours["acc"], ours["acc_norm"])
+    assert ours["n"] == 8

@@ -268,3 +268,17 @@ def test_default_model_answers_paris():
         assert "Paris" in r.choices[0].message.content
     finally:
         srv.stop()
+
+
+def test_lm_eval_remote_tokenizer_reads_the_server(server, tiny):
+    # lm-eval's `tokenizer_backend=remote` (local-completions) reads /tokenizer_info, /tokenize and /detokenize
+    from lm_eval.utils import RemoteTokenizer
+
+    rt = RemoteTokenizer(server.url + "/v1/completions")
+    tok = tiny.tokenizer
+    text = "The capital of France is Paris."
+    assert rt.encode(text) == tok.encode(text, add_special_tokens=False)
+    assert rt.decode(tok.encode(text)) == text
+    assert (rt.eos_token, rt.eos_token_id, rt.bos_token_id) == ("<|im_end|>", tok.eos_id, tok.bos_id)
+    assert rt.apply_chat_template(MSG) == tok.apply_chat_template(MSG, add_generation_prompt=True)
+    assert httpx.get(server.url + "/tokenizer_info", params={"model": "nope"}).status_code == 404
