@@ -322,3 +322,25 @@ def test_example_task_yaml_runs_offline_with_lm_eval(tiny_hf, tmp_path, monkeypa
     ours = json.loads((tmp_path / "ours.json").read_text())
     assert (res["acc,none"], res["acc_norm,none"]) == (ours["acc"], ours["acc_norm"])
     assert ours["n"] == 8
+
+
+@pytest.mark.parametrize("kind", ["bert", "classifier"])
+def test_log_likelihood_evaluations_refuse_encoders_and_classifiers(kind, tmp_path):
+    # an encoder's or a classifier's "perplexity" would be a number without meaning
+    from llmkit.checkpoint import LoadedModel
+    from llmkit.config import preset
+    from llmkit.model import Transformer
+    from llmkit.tokenizer_train import train_tokenizer
+
+    tok = train_tokenizer([WIKITEXT], 300)
+    cfg = preset("bert-tiny" if kind == "bert" else "llama-tiny", vocab_size=tok.vocab_size,
+                 **({} if kind == "bert" else {"num_labels": 2}))
+    lm = LoadedModel(Transformer(cfg), tok, {}, kind)
+    match = "masked" if kind == "bert" else "classifier"
+    with pytest.raises(ValueError, match=match):
+        evaluate.evaluate_perplexity(lm, WIKITEXT)
+    with pytest.raises(ValueError, match=match):
+        evaluate.evaluate_choice(lm, HELLASWAG)
+    with pytest.raises(ValueError, match="limit 0"):
+        evaluate.evaluate_choice(LoadedModel(Transformer(preset("llama-tiny", vocab_size=tok.vocab_size)), tok, {},
+                                             "lm"), HELLASWAG, limit=0)
