@@ -492,7 +492,8 @@ def cmd_eval_perplexity(args):
 
     _eval_checks(args)
     read_text(args.data)  # bad data fails before the model loads
-    res = evaluate_perplexity(_load(args, lambda lm: checks.generative(lm, "perplexity")), args.data, context=args.context, stride=args.stride,
+    lm = _load(args, lambda lm: checks.generative(lm, "perplexity"))
+    res = evaluate_perplexity(lm, args.data, context=args.context, stride=args.stride,
                               batch_size=args.batch_size, limit=args.limit, progress=args.progress)
     return _eval_finish(args, res)
 
@@ -502,7 +503,8 @@ def cmd_eval_choice(args):
 
     _eval_checks(args)
     load_choice_records(args.data, args.query_field, args.choices_field, args.label_field)  # fail before loading
-    res = evaluate_choice(_load(args, lambda lm: checks.generative(lm, "multiple-choice scoring")), args.data, args.query_field, args.choices_field, args.label_field,
+    lm = _load(args, lambda lm: checks.generative(lm, "multiple-choice scoring"))
+    res = evaluate_choice(lm, args.data, args.query_field, args.choices_field, args.label_field,
                           num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                           progress=args.progress, plot=_plot_path(args, "reliability"))
     return _eval_finish(args, res)
@@ -530,7 +532,8 @@ def cmd_eval_classify(args):
         from pathlib import Path
 
         plots = str(Path(args.out).with_suffix("")) + "_plots"
-    res = evaluate_classify(_load(args, checks.classifier), args.data, args.text_field, args.label_field, limit=args.limit,
+    lm = _load(args, checks.classifier)
+    res = evaluate_classify(lm, args.data, args.text_field, args.label_field, limit=args.limit,
                             batch_size=args.batch_size, progress=args.progress, plots=plots)
     return _eval_finish(args, res)
 
