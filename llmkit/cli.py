@@ -44,6 +44,7 @@ def _device(args):
     import torch
 
     if args.device:
+        checks.device(args.device)
         return args.device
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -404,6 +405,7 @@ def add_pretrain(sub):
 def cmd_pretrain(args):
     from llmkit.pretrain import config_from_flags, pretrain
 
+    checks.device(args.device)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
     pretrain(config_from_flags(flags))
 

@@ -94,3 +94,17 @@ def classifier(lm):
                          "classify`, or use `llmkit generate` for a language model")
     if lm.tokenizer is None:
         raise ValueError(f"{lm.path} has no tokenizer.json; classification needs one beside the weights")
+
+
+def device(name):
+    """A torch device string this machine has (None: the default), or one clear error."""
+    if name in (None, "auto"):
+        return
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such CUDA device on this machine; use --device cpu")
