@@ -99,6 +99,137 @@ class KVCache:
             self.valid[r] = False
             self.n_tokens[r] = 0
 
+    def layer(self, i: int):
+        return self.k[i], self.v[i]
+
+
+# Decoding and scoring keep each sequence's keys/values contiguous (RowKV) and pack the new tokens of many
+# sequences into one row (PackedKV). Why not vLLM's paged layout (a pool of fixed-size blocks addressed through a
+# block table)? PyTorch's CPU attention (SDPA) needs each sequence's K/V as one strided tensor, so a paged cache must
+# gather its blocks into a contiguous copy in every layer of every step; benchmarks/kv_layout.py measured that gather
+# against contiguous rows on the default model (results in benchmarks/results/kv_layout.json) and contiguous rows
+# won. Blocks remain the unit of accounting (decode.BlockPool bounds memory; a row's capacity grows in whole blocks)
+# and of the prefix cache, which copies cached blocks into a row instead of recomputing them.
+
+
+class RowKV:
+    """One sequence's keys and values, contiguous: k and v are (n_layer, n_kv_head, capacity, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, capacity: int, dtype=None, device=None):
+        shape = (cfg.n_layer, cfg.n_kv_head, capacity, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0  # tokens whose keys/values are stored (they are at slots 0..length-1)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def grow(self, capacity: int):
+        """Reallocate to a larger capacity, keeping the stored tokens."""
+        if capacity <= self.capacity:
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
+            new[:, :, :self.length] = old[:, :, :self.length]
+            setattr(self, name, new)
+
+    def fork(self, capacity: int) -> "RowKV":
+        """A copy of the stored tokens in a new row of the given capacity (n choices sharing one prompt)."""
+        out = RowKV.__new__(RowKV)
+        n = self.length
+        out.k = self.k.new_empty(self.k.shape[0], self.k.shape[1], max(capacity, n), self.k.shape[3])
+        out.v = torch.empty_like(out.k)
+        out.k[:, :, :n], out.v[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n]
+        out.length = n
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+class PackedKV:
+    """The new tokens of several rows packed into one sequence (1, N) without padding.
+
+    Each row's tokens attend to that row's stored tokens and causally to each other, never to another row's
+    (a block-diagonal causal mask, computed as one attention call per row: varlen attention). Row j's tokens are
+    at offsets[j]:offsets[j + 1] of the packed sequence; it may be a whole prompt, a chunk of one, or one decode token.
+    """
+
+    def __init__(self, rows: list[RowKV], counts: list[int]):
+        if len(rows) != len(counts) or any(n < 1 for n in counts):
+            raise ValueError("PackedKV needs one token count >= 1 per row")
+        for r, n in zip(rows, counts):
+            if r.length + n > r.capacity:
+                raise ValueError(f"row holds {r.length} tokens + {n} new > its capacity {r.capacity}")
+        self.rows, self.counts = rows, counts
+        self.offsets = [0]
+        for n in counts:
+            self.offsets.append(self.offsets[-1] + n)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.offsets[-1]
+
+    def positions(self, device=None) -> torch.Tensor:
+        """(1, N) position of every packed token in its own sequence."""
+        return torch.cat([torch.arange(r.length, r.length + n) for r, n in zip(self.rows, self.counts)]
+                         ).to(device)[None]
+
+    def last_index(self) -> list[int]:
+        """Index in the packed sequence of each row's last new token (where its next-token logits come from)."""
+        return [o - 1 for o in self.offsets[1:]]
+
+    def layer(self, i: int) -> "PackedLayer":
+        return PackedLayer(self, i)
+
+    def advance(self):
+        """Count the new tokens as stored (after a forward pass succeeded)."""
+        for r, n in zip(self.rows, self.counts):
+            r.length += n
+
+
+class PackedLayer:
+    """PackedKV seen by one layer: writes the new keys/values into each row and runs its attention."""
+
+    def __init__(self, packed: PackedKV, i: int):
+        self.packed, self.i = packed, i
+
+    def attend(self, q, k, v, enable_gqa: bool) -> torch.Tensor:
+        """q (1, H, N, D), k/v (1, Hkv, N, D) of the packed tokens -> attention output (1, H, N, D)."""
+        p, i = self.packed, self.i
+        out = torch.empty_like(q)
+        decode = [j for j, n in enumerate(p.counts) if n == 1]
+        if decode:
+            # one query token per row is microseconds of work: split over threads it costs more in fork/join
+            # barriers than it computes (16 rows x 30 layers of barriers were 100x slower on a busy 2-core machine)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for j in decode:
+                    self._row(j, q, k, v, out, enable_gqa)
+            finally:
+                torch.set_num_threads(threads)
+        for j, n in enumerate(p.counts):
+            if n > 1:
+                self._row(j, q, k, v, out, enable_gqa)
+        return out
+
+    def _row(self, j, q, k, v, out, enable_gqa):
+        p, i = self.packed, self.i
+        r, n, s = p.rows[j], p.counts[j], p.offsets[j]
+        L0 = r.length
+        r.k[i, :, L0:L0 + n] = k[0, :, s:s + n]
+        r.v[i, :, L0:L0 + n] = v[0, :, s:s + n]
+        keys, values = r.k[i, :, :L0 + n][None], r.v[i, :, :L0 + n][None]
+        mask = None
+        if n > 1 and L0 > 0:  # a chunk after stored tokens: query j sees slots 0..L0 + j
+            mask = torch.arange(L0 + n, device=q.device)[None, :] <= torch.arange(L0, L0 + n, device=q.device)[:, None]
+        out[:, :, s:s + n] = F.scaled_dot_product_attention(q[:, :, s:s + n], keys, values, attn_mask=mask,
+                                                            is_causal=n > 1 and L0 == 0, enable_gqa=enable_gqa)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rotary position embeddings (the non-interleaved "rotate_half" form used by transformers' Llama)
@@ -227,6 +358,9 @@ class Attention(nn.Module):
             v = _linear(self.v_proj, x).view(B, T, Hkv, hd).transpose(1, 2)
             if rope is not None:
                 q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
+        if isinstance(kv, PackedLayer):
+            y = kv.attend(q, k, v, enable_gqa=cfg.n_kv_head != cfg.n_head)
+            return _linear(self.o_proj, y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
         if kv is not None:
             k, v = self._write_cache(*kv, k, v, slots)
         is_causal = mask is None and cfg.causal and T > 1
@@ -393,18 +527,22 @@ class Transformer(nn.Module):
 
     # -----------------------------------------------------------------------------------------------------------
     def forward(self, input_ids, *, attention_mask=None, positions=None, token_type_ids=None,
-                cache: KVCache | None = None, head: str = "lm", last_only: bool = False):
+                cache: KVCache | PackedKV | None = None, head: str = "lm", last_only: bool = False):
         """input_ids (B, T) -> logits (B, T, V) for head="lm", (B, num_labels) for "classify", (B, T, C) for "hidden".
 
         attention_mask (B, T): 1 for real tokens, 0 for padding. With a cache, tokens are written after each row's
-        previous ones and attend to them.
+        previous ones and attend to them. With a PackedKV, input_ids (1, N) holds several rows' new tokens back to back.
         """
         cfg = self.config
         B, T = input_ids.shape
         dev = input_ids.device
         real = None if attention_mask is None else attention_mask.bool()
         mask, slots = None, None
-        if cache is not None:
+        if isinstance(cache, PackedKV):
+            if B != 1 or T != cache.n_tokens or attention_mask is not None:
+                raise ValueError(f"packed input must be (1, {cache.n_tokens}) without attention_mask, got ({B}, {T})")
+            positions = cache.positions(dev) if positions is None else positions
+        elif cache is not None:
             mask, slots, positions_c = self._cache_step(cache, real, B, T, dev)
             positions = positions_c if positions is None else positions
         elif real is not None and not bool(real.all()):
@@ -434,7 +572,9 @@ class Transformer(nn.Module):
             x = self._compiled_step(x, rope, cache, slots)
         else:
             x = self._layers(x, rope, mask, cache, slots)
-        if cache is not None:
+        if isinstance(cache, PackedKV):
+            cache.advance()
+        elif cache is not None:
             self._cache_advance(cache, real, B, T, slots)
 
         if head == "hidden":
@@ -453,7 +593,7 @@ class Transformer(nn.Module):
 
     def _layers(self, x, rope, mask, cache, slots):
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, None if cache is None else (cache.k[i], cache.v[i]), slots)
+            x = layer(x, rope, mask, None if cache is None else cache.layer(i), slots)
         return self.norm(x) if self.config.final_norm else x
 
     # -----------------------------------------------------------------------------------------------------------
