@@ -156,15 +156,21 @@ class PackedKV:
     Each row's tokens attend to that row's stored tokens and causally to each other, never to another row's
     (a block-diagonal causal mask, computed as one attention call per row: varlen attention). Row j's tokens are
     at offsets[j]:offsets[j + 1] of the packed sequence; it may be a whole prompt, a chunk of one, or one decode token.
+
+    A row may be None (scoring): its tokens attend only to each other and nothing is stored; `masks` may then give
+    its (n, n) boolean attention mask (True = may attend; default causal) and `positions` its tokens' positions, e.g.
+    a context followed by several continuations that each see the context and themselves (evaluate.py).
     """
 
-    def __init__(self, rows: list[RowKV], counts: list[int]):
+    def __init__(self, rows: list[RowKV | None], counts: list[int], masks: list | None = None,
+                 positions: list[list[int]] | None = None):
         if len(rows) != len(counts) or any(n < 1 for n in counts):
             raise ValueError("PackedKV needs one token count >= 1 per row")
         for r, n in zip(rows, counts):
-            if r.length + n > r.capacity:
+            if r is not None and r.length + n > r.capacity:
                 raise ValueError(f"row holds {r.length} tokens + {n} new > its capacity {r.capacity}")
         self.rows, self.counts = rows, counts
+        self.masks, self._positions = masks or [None] * len(rows), positions
         self.offsets = [0]
         for n in counts:
             self.offsets.append(self.offsets[-1] + n)
@@ -175,8 +181,10 @@ class PackedKV:
 
     def positions(self, device=None) -> torch.Tensor:
         """(1, N) position of every packed token in its own sequence."""
-        return torch.cat([torch.arange(r.length, r.length + n) for r, n in zip(self.rows, self.counts)]
-                         ).to(device)[None]
+        if self._positions is not None:
+            return torch.tensor([p for ps in self._positions for p in ps], device=device)[None]
+        return torch.cat([torch.arange(r.length if r is not None else 0, (r.length if r is not None else 0) + n)
+                          for r, n in zip(self.rows, self.counts)]).to(device)[None]
 
     def last_index(self) -> list[int]:
         """Index in the packed sequence of each row's last new token (where its next-token logits come from)."""
@@ -188,7 +196,8 @@ class PackedKV:
     def advance(self):
         """Count the new tokens as stored (after a forward pass succeeded)."""
         for r, n in zip(self.rows, self.counts):
-            r.length += n
+            if r is not None:
+                r.length += n
 
 
 class PackedLayer:
@@ -220,6 +229,12 @@ class PackedLayer:
     def _row(self, j, q, k, v, out, enable_gqa):
         p, i = self.packed, self.i
         r, n, s = p.rows[j], p.counts[j], p.offsets[j]
+        if r is None:  # nothing stored: the segment's own keys, its own mask
+            mask = p.masks[j]
+            out[:, :, s:s + n] = F.scaled_dot_product_attention(
+                q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n], attn_mask=mask,
+                is_causal=mask is None and n > 1, enable_gqa=enable_gqa)
+            return
         L0 = r.length
         r.k[i, :, L0:L0 + n] = k[0, :, s:s + n]
         r.v[i, :, L0:L0 + n] = v[0, :, s:s + n]
