@@ -519,7 +519,10 @@ def _prometheus(models: dict, http: dict) -> str:
               ("prompt_tokens_total", "counter", lambda s: s.stats.prompt_tokens),
               ("generation_tokens_total", "counter", lambda s: s.stats.generated_tokens),
               ("queue_length", "gauge", lambda s: s.queue_length),
-              ("running_batch_size", "gauge", lambda s: s.batch_size)]
+              ("running_batch_size", "gauge", lambda s: s.batch_size),
+              ("kv_cache_blocks_reserved", "gauge", lambda s: s.engine.pool.reserved),
+              ("kv_cache_blocks_cached", "gauge", lambda s: s.engine.pool.cached),
+              ("kv_cache_blocks_total", "gauge", lambda s: s.engine.pool.n_blocks)]
     for name, kind, get in series:
         lines.append(f"# TYPE llmkit_{name} {kind}")
         lines += [f'llmkit_{name}{{model="{m.name}"}} {get(m.scheduler)}' for m in models.values()]
