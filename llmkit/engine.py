@@ -189,6 +189,13 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def _run(self, plan) -> dict[int, torch.Tensor]:
+        if len(plan) == 1 and len(plan[0][1]) == 1 and self.model._compiled_layers is not None:
+            # batch-1 decode with Engine(compile=True): the compiled step runs on a KVCache view of the row
+            row, ids = plan[0]
+            view = row.kv.as_kvcache()
+            hidden = self.model(torch.tensor([ids], device=self.device), cache=view, head="hidden")[0]
+            row.kv.length = view.length[0]
+            return {row.state.id: hidden}
         packed = PackedKV([r.kv for r, _ in plan], [len(ids) for _, ids in plan])
         flat = torch.tensor([t for _, ids in plan for t in ids], device=self.device)[None]
         hidden = self.model(flat, cache=packed, head="hidden")[0]  # (N, C)

@@ -145,9 +145,14 @@ class RowKV:
         out.length = n
         return out
 
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+    def as_kvcache(self) -> KVCache:
+        """This row as a one-row KVCache sharing its storage (the compiled decode step takes a KVCache)."""
+        c = KVCache.__new__(KVCache)
+        c.k, c.v = [k[None] for k in self.k], [v[None] for v in self.v]
+        c.valid = torch.ones(1, self.capacity, dtype=torch.bool, device=self.k.device)
+        c.length, c.n_tokens = [self.length], torch.tensor([self.length], device=self.k.device)
+        c.max_len, c.has_padding = self.capacity, False
+        return c
 
 
 class PackedKV:
@@ -193,6 +198,30 @@ class PackedKV:
     def layer(self, i: int) -> "PackedLayer":
         return PackedLayer(self, i)
 
+    def padded_attention(self, q, k, v, enable_gqa: bool) -> torch.Tensor:
+        """Attention of storage-less segments as one batched call, padded inside attention only.
+
+        Many short segments (scoring) would otherwise make one small attention call each per layer; the linear
+        layers around stay packed, so padding costs only the (cheap) attention of the padded slots.
+        """
+        if not hasattr(self, "_pad"):
+            S, T, dev = len(self.counts), max(self.counts), q.device
+            idx = torch.zeros(S, T, dtype=torch.long)
+            mask = torch.eye(T, dtype=torch.bool).repeat(S, 1, 1)  # padded queries see themselves: no NaN
+            for j, (n, s) in enumerate(zip(self.counts, self.offsets)):
+                idx[j, :n] = torch.arange(s, s + n)
+                m = self.masks[j]
+                mask[j, :n, :n] = m.cpu() if m is not None else torch.ones(n, n, dtype=torch.bool).tril()
+            valid = torch.arange(T)[None, :] < torch.tensor(self.counts)[:, None]
+            self._pad = idx.to(dev), mask[:, None].to(dev), valid.to(dev)
+        idx, mask, valid = self._pad
+        def gather(x):  # (1, h, N, D) -> (S, h, T, D)
+            return x[0][:, idx].transpose(0, 1)
+        y = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), attn_mask=mask, enable_gqa=enable_gqa)
+        out = torch.empty_like(q)
+        out[0][:, idx[valid]] = y.transpose(0, 1)[:, valid]  # (H, N, D) back in packed order
+        return out
+
     def advance(self):
         """Count the new tokens as stored (after a forward pass succeeded)."""
         for r, n in zip(self.rows, self.counts):
@@ -209,6 +238,8 @@ class PackedLayer:
     def attend(self, q, k, v, enable_gqa: bool) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) of the packed tokens -> attention output (1, H, N, D)."""
         p, i = self.packed, self.i
+        if all(r is None for r in p.rows) and len(p.rows) > 1:
+            return p.padded_attention(q, k, v, enable_gqa)
         out = torch.empty_like(q)
         decode = [j for j, n in enumerate(p.counts) if n == 1]
         if decode:
