@@ -153,7 +153,8 @@ class DecodeBatch:
     def _plan(self) -> list[tuple[_Row, list[int]]]:
         """Which tokens each row feeds this step: one per decoding row, then prompt chunks in arrival order."""
         plan = [(r, [r.next_input]) for r in self.rows.values() if r.decoding]
-        budget = self.prefill_chunk - len(plan)
+        # chunks only matter while streams are running; alone, a prompt is prefilled whole (fewer, larger products)
+        budget = self.prefill_chunk - len(plan) if plan else self.cfg.max_position_embeddings
         for r in self.rows.values():
             if budget <= 0:
                 break

@@ -237,9 +237,11 @@ class PackedLayer:
 
     def attend(self, q, k, v, enable_gqa: bool) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) of the packed tokens -> attention output (1, H, N, D)."""
-        p, i = self.packed, self.i
+        p = self.packed
         if all(r is None for r in p.rows) and len(p.rows) > 1:
             return p.padded_attention(q, k, v, enable_gqa)
+        if len(p.rows) == 1 and p.counts[0] > 1:  # one prompt (chunk): its output is the whole output
+            return self._row(0, q, k, v, enable_gqa)
         out = torch.empty_like(q)
         decode = [j for j, n in enumerate(p.counts) if n == 1]
         if decode:
@@ -249,32 +251,33 @@ class PackedLayer:
             torch.set_num_threads(1)
             try:
                 for j in decode:
-                    self._row(j, q, k, v, out, enable_gqa)
+                    out[:, :, p.offsets[j]:p.offsets[j] + 1] = self._row(j, q, k, v, enable_gqa)
             finally:
                 torch.set_num_threads(threads)
-        for j, n in enumerate(p.counts):
+        for j, (n, s) in enumerate(zip(p.counts, p.offsets)):
             if n > 1:
-                self._row(j, q, k, v, out, enable_gqa)
+                out[:, :, s:s + n] = self._row(j, q, k, v, enable_gqa)
         return out
 
-    def _row(self, j, q, k, v, out, enable_gqa):
+    def _row(self, j, q, k, v, enable_gqa) -> torch.Tensor:
         p, i = self.packed, self.i
         r, n, s = p.rows[j], p.counts[j], p.offsets[j]
         if r is None:  # nothing stored: the segment's own keys, its own mask
             mask = p.masks[j]
-            out[:, :, s:s + n] = F.scaled_dot_product_attention(
-                q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n], attn_mask=mask,
-                is_causal=mask is None and n > 1, enable_gqa=enable_gqa)
-            return
+            return F.scaled_dot_product_attention(q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n], attn_mask=mask,
+                                                  is_causal=mask is None and n > 1, enable_gqa=enable_gqa)
         L0 = r.length
         r.k[i, :, L0:L0 + n] = k[0, :, s:s + n]
         r.v[i, :, L0:L0 + n] = v[0, :, s:s + n]
         keys, values = r.k[i, :, :L0 + n][None], r.v[i, :, :L0 + n][None]
         mask = None
-        if n > 1 and L0 > 0:  # a chunk after stored tokens: query j sees slots 0..L0 + j
-            mask = torch.arange(L0 + n, device=q.device)[None, :] <= torch.arange(L0, L0 + n, device=q.device)[:, None]
-        out[:, :, s:s + n] = F.scaled_dot_product_attention(q[:, :, s:s + n], keys, values, attn_mask=mask,
-                                                            is_causal=n > 1 and L0 == 0, enable_gqa=enable_gqa)
+        if n > 1 and L0 > 0:  # a chunk after stored tokens: query j sees slots 0..L0 + j (built once, all layers)
+            mask = p.masks[j]
+            if mask is None:
+                mask = p.masks[j] = (torch.arange(L0 + n, device=q.device)[None, :]
+                                     <= torch.arange(L0, L0 + n, device=q.device)[:, None])
+        return F.scaled_dot_product_attention(q[:, :, s:s + n], keys, values, attn_mask=mask,
+                                              is_causal=n > 1 and L0 == 0, enable_gqa=enable_gqa)
 
 
 # ---------------------------------------------------------------------------------------------------------------
