@@ -1,6 +1,6 @@
-"""Decode-step cost of three KV-cache layouts on the default model (why model.RowKV is contiguous per row).
+"""Decode-step cost of three KV-cache layouts on the default model (why kvcache.RowKV is contiguous per row).
 
-- contiguous: each row's K/V contiguous (model.RowKV), new tokens packed (model.PackedKV), one attention per row;
+- contiguous: each row's K/V contiguous (kvcache.RowKV), new tokens packed (kvcache.PackedKV), one attention per row;
 - batched: one (B, n_kv_head, L, head_dim) tensor for the batch, one masked attention per layer (the old KVCache);
 - paged: K/V in a pool of 16-token blocks; every layer gathers each row's blocks into a contiguous tensor (what a
   paged cache costs when the attention kernel needs contiguous K/V, as torch's CPU SDPA does), then as "batched".

@@ -1,9 +1,9 @@
 """Inference: one decode core (DecodeBatch) that the library, the CLI, the server's scheduler and evaluation drive.
 
 DecodeBatch is synchronous: add(request), step() -> events, cancel(id). Each step runs one forward over a packed
-batch (model.PackedKV, no padding): one token for every row that is decoding, plus chunks of the prompts still being
+batch (kvcache.PackedKV, no padding): one token for every row that is decoding, plus chunks of the prompts still being
 prefilled, up to `prefill_chunk` tokens, so a long prompt never stalls the running streams (vLLM V1's token budget,
-llama.cpp's n_batch). Keys and values live in one contiguous model.RowKV per row, reserved in blocks from a bounded
+llama.cpp's n_batch). Keys and values live in one contiguous kvcache.RowKV per row, reserved in blocks from a bounded
 kvpool.BlockPool; full blocks go to a prefix cache, so a repeated system prompt or chat history is copied, not
 recomputed. After the forward, each row is sampled, stopped and detokenized on its own: an exception there fails that
 row alone; if the forward itself raises, the rows are retried one by one so that only the culprit fails.

@@ -164,7 +164,7 @@ def score_continuations(model, groups: list[tuple[list[int], list[list[int]]]], 
                         progress: bool = False) -> list[list[tuple[float, bool]]]:
     """Sum of log p(continuation | context) and is-greedy for each (context_ids, [continuation_ids, ...]) group.
 
-    Each group is one segment of a packed forward (model.PackedKV, no padding): its context once, then its
+    Each group is one segment of a packed forward (kvcache.PackedKV, no padding): its context once, then its
     continuations, each attending to the context and to itself; about batch_size groups share a forward. The LM
     head runs only where a continuation token is scored.
     """
@@ -254,7 +254,7 @@ def rolling_loglikelihood(model, tokens: list[int], prefix: int, context: int, s
     total = {"loglikelihood": 0.0, "tokens": 0, "entropy": 0.0, "top1_prob": 0.0, "greedy": 0}
     nll_per_window = []
     bar = _progress(len(windows), progress, "windows")
-    # batch_size windows per forward, packed back to back (model.PackedKV): no padding whatever their lengths
+    # batch_size windows per forward, packed back to back (kvcache.PackedKV): no padding whatever their lengths
     for i in range(0, len(windows), batch_size):
         part = windows[i:i + batch_size]
         packed = PackedKV([None] * len(part), [e - a for a, e, _ in part])

@@ -7,7 +7,7 @@ keyed by a hash of (its parent block's key, its tokens), as vLLM's automatic pre
 the longest cached chain of its prompt's blocks instead of computing them; cached blocks are evicted least recently
 used first (a chain's later blocks before its earlier ones) whenever a reservation needs room.
 
-Why copies, not shared blocks: model.RowKV keeps each row's keys/values contiguous for torch's CPU attention (see the
+Why copies, not shared blocks: kvcache.RowKV keeps each row's keys/values contiguous for torch's CPU attention (see the
 note above RowKV), so a cached block is copied into the row once, which costs far less than computing it.
 """
 from __future__ import annotations
