@@ -222,7 +222,9 @@ class DecodeBatch:
         for r in followers:
             r.kv, r.computed, r.leader = row.kv.fork(min(r.blocks * self.pool.block_size, row.kv.capacity)), \
                 row.computed, None
-        return [(r, h[-1]) for r in [row] + followers]
+            if r.state.max_new == 0:
+                r.state.finish_reason = "length"
+        return [(r, h[-1]) for r in [row] + followers if r.state.max_new > 0]
 
     def _score_prompt(self, st: RequestState, start: int, logits: torch.Tensor):
         prompt = st.prompt_ids
