@@ -200,3 +200,36 @@ def test_json_processor_output_parses(model, tok):  # noqa: F811
         assert isinstance(json.loads(out.text), dict), out.text
     prefix = JsonPrefix()
     assert prefix.feed('{"a": [1, 2') and prefix.closing() == "]}"
+
+
+def test_memory_returns_to_idle_after_a_long_request():
+    """The process's memory after a long request is back at its idle level (no cache kept at full length)."""
+    import gc
+
+    import psutil
+
+    from llmkit.config import preset
+    from llmkit.model import Transformer
+
+    cfg = preset("llama-tiny", vocab_size=256, n_layer=12, n_head=8, n_kv_head=8, n_embd=512,
+                 max_position_embeddings=4096)
+    torch.manual_seed(0)
+    eng = Engine(Transformer(cfg).eval(), None, kv_cache_mb=1024, prefix_caching=False)
+    row_mb = eng.pool.token_bytes * 3000 / 2**20  # 141 MB of keys/values for this request
+    p = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
+    proc = psutil.Process()
+    for _ in range(2):  # warm-up: allocator and torch caches reach their steady state
+        eng.generate([[1] * 3000], p)
+    gc.collect()
+    idle = proc.memory_info().rss
+    core = eng.decode_batch()
+    st = eng.new_state([1] * 3000, p, 2)
+    core.add(st)
+    core.step()
+    held = proc.memory_info().rss - idle
+    run(core, [st])
+    gc.collect()
+    after = proc.memory_info().rss - idle
+    print(f"row {row_mb:.0f} MB; held {held / 2**20:.0f} MB; after {after / 2**20:.0f} MB")
+    assert held > 0.5 * row_mb * 2**20  # the row really held its keys and values ...
+    assert after < 0.25 * row_mb * 2**20 and eng.pool.reserved == 0  # ... and gave them back
