@@ -38,6 +38,12 @@ def _sampling_flags(p):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--compile", action="store_true", help="compile decode steps with torch.compile: faster "
                    "tokens after a compile at the first step (30-60 s on a 2-core CPU)")
+    _kv_flag(p)
+
+
+def _kv_flag(p):
+    p.add_argument("--kv-cache-mb", type=float, default=None, help="bound on the KV cache in MB (default: a fifth "
+                   "of the free memory)")
 
 
 def _device(args):
@@ -71,10 +77,10 @@ def _params(args, default_temperature=0.0):
                           seed=args.seed, stop=args.stop)
 
 
-def _engine(lm, compile=False):
+def _engine(lm, compile=False, kv_cache_mb=None):
     from llmkit.engine import Engine
 
-    return Engine(lm.model, lm.tokenizer, lm.generation_config, compile=compile)
+    return Engine(lm.model, lm.tokenizer, lm.generation_config, compile=compile, kv_cache_mb=kv_cache_mb)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,19 +94,27 @@ def add_generate(sub):
     _sampling_flags(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--json", action="store_true", help="constrain the output to one JSON object (JSON mode)")
 
 
 def cmd_generate(args):
     params = _params(args)  # bad sampling flags fail before the model loads
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
+        raise ValueError(f"--kv-cache-mb must be > 0, got {args.kv_cache_mb}")
     lm = _load(args, checks.generative)
-    engine = _engine(lm, args.compile)
+    engine = _engine(lm, args.compile, args.kv_cache_mb)
+    processors = None
+    if args.json:
+        from llmkit.constraints import json_object
+
+        processors = [json_object(engine)]
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": prompt}]
         prompt = lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
     t0, n = time.time(), 0
-    for piece in engine.stream(prompt, params):
+    for piece in engine.stream(prompt, params, processors):
         sys.stdout.write(piece)
         sys.stdout.flush()
         n += 1
@@ -120,7 +134,7 @@ def add_chat(sub):
 def cmd_chat(args):
     params = _params(args, default_temperature=0.0 if not sys.stdin.isatty() else 0.7)
     lm = _load(args, checks.generative)
-    engine = _engine(lm, args.compile)
+    engine = _engine(lm, args.compile, args.kv_cache_mb)
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
@@ -263,6 +277,7 @@ def add_serve(sub):
     key.add_argument("--api-key-file", default=None, help="read the API key from this file (keeps it out of ps)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
+    _kv_flag(p)
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="most new tokens one request may ask for")
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
                    "(repeatable)")
@@ -290,9 +305,11 @@ def serve_config(args):
             raise ValueError(f"{args.api_key_file} is empty; put the API key in it")
     if args.max_batch < 1 or args.max_queue < 0 or args.max_tokens_cap < 1:
         raise ValueError("--max-batch and --max-tokens-cap must be >= 1 and --max-queue >= 0")
+    if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
+        raise ValueError(f"--kv-cache-mb must be > 0, got {args.kv_cache_mb}")
     return ServeConfig(models=models, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, cors_origins=args.cors_origin,
-                       dtype=args.dtype, device=_device(args))
+                       dtype=args.dtype, device=_device(args), kv_cache_mb=args.kv_cache_mb)
 
 
 def cmd_serve(args):

@@ -1,203 +1,301 @@
-"""Inference: batched generation with a preallocated KV cache, sampling, stop strings and streaming.
+"""Inference: one decode core (DecodeBatch) that the library, the CLI, the server's scheduler and evaluation drive.
 
-generate() prefills every prompt at once (left-padded; the model derives positions and masks from attention_mask and
-the cache remembers the padding), then decodes one token per step for the rows still running: a finished row leaves
-the batch. Sampling and penalties are pure functions (sample_next) that a continuous-batching scheduler can reuse.
+DecodeBatch is synchronous: add(request), step() -> events, cancel(id). Each step runs one forward over a packed
+batch (kvcache.PackedKV, no padding): one token for every row that is decoding, plus chunks of the prompts still being
+prefilled, up to `prefill_chunk` tokens, so a long prompt never stalls the running streams (vLLM V1's token budget,
+llama.cpp's n_batch). Keys and values live in one contiguous kvcache.RowKV per row, reserved in blocks from a bounded
+kvpool.BlockPool; full blocks go to a prefix cache, so a repeated system prompt or chat history is copied, not
+recomputed. After the forward, each row is sampled, stopped and detokenized on its own: an exception there fails that
+row alone; if the forward itself raises, the rows are retried one by one so that only the culprit fails.
+
+Sampling parameters, the sampler and the per-request state are sampling.py's (re-exported here).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from llmkit.model import KVCache, Transformer
-from llmkit.tokenizer import StreamDecoder
+from llmkit.kvpool import BlockPool
+from llmkit.model import PackedKV, RowKV, Transformer
+from llmkit.sampling import (  # noqa: F401  (re-exported: the public API has always been engine's)
+    Completion, RequestState, SamplingParams, apply_penalties, filter_logits, sample_next, stop_prefix_len)
+
+INITIAL_DECODE_ROOM = 64  # tokens a new row's storage holds beyond its prompt before it first grows
 
 
 @dataclass
-class SamplingParams:
-    """How to pick the next token and when to stop (names and meanings follow vLLM / OpenAI / HF)."""
-    max_new_tokens: int = 256  # clipped so that prompt + output fits the model's context
-    temperature: float = 1.0  # 0 means greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    min_p: float = 0.0  # drop tokens whose probability is below min_p * the top probability
-    repetition_penalty: float = 1.0  # HF: logits of tokens seen in prompt + output: divided if > 0, multiplied if < 0
-    presence_penalty: float = 0.0  # OpenAI: subtracted once from the logit of every token already generated
-    frequency_penalty: float = 0.0  # OpenAI: subtracted once per earlier occurrence in the generated tokens
-    seed: int | None = None  # own torch.Generator per request: same seed, same output, whatever the batch
-    stop: list[str] = field(default_factory=list)  # stop strings, never part of the returned text
-    stop_token_ids: list[int] = field(default_factory=list)  # extra ids that end generation, like EOS
-    ignore_eos: bool = False
-    logprobs: bool = False  # per-token log-probabilities (of the raw model distribution)
-    top_logprobs: int = 0  # how many alternatives to report per token
+class Event:
+    """What one step did to one request: "token" (text: what can be shown now, maybe ""), "done" or "error"."""
+    id: int
+    kind: str
+    text: str = ""
 
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop, self.stop_token_ids = list(self.stop or []), list(self.stop_token_ids or [])
-        rules = [
-            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
-            ("temperature", self.temperature >= 0, "must be >= 0"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0 turns it off)"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 turns it off)"),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
-            ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be a list of non-empty strings"),
-        ]
-        for name, ok, rule in rules:
-            if not ok:
-                raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+class _Row:
+    """The core's bookkeeping for one request."""
+
+    def __init__(self, state: RequestState, blocks: int):
+        self.state, self.blocks = state, blocks
+        self.kv: RowKV | None = None
+        self.computed = 0  # prompt tokens whose keys/values are stored
+        self.next_input: int | None = None  # the token the next decode step feeds
+        self.leader: _Row | None = None  # an identical prompt that prefills for this row too (n choices)
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-    @property
-    def penalized(self) -> bool:
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+    def decoding(self) -> bool:
+        return self.next_input is not None
 
 
-@dataclass
-class Completion:
-    """One finished generation."""
-    text: str
-    token_ids: list[int]  # generated ids; an EOS / stop token that ended generation is not included
-    finish_reason: str  # "stop" (EOS, stop token or stop string) | "length"
-    prompt_tokens: int
-    logprobs: list[dict] | None = None  # per token: {"token", "logprob", "top_logprobs": [(token, logprob)]}
+class DecodeBatch:
+    """The running rows of one model: their KV cache, prefill, sampling, stops, logprobs and logits processors."""
 
+    def __init__(self, model: Transformer, pool: BlockPool, max_rows: int = 64, prefill_chunk: int = 512):
+        if max_rows < 1 or prefill_chunk < max_rows:
+            raise ValueError(f"need max_rows >= 1 and prefill_chunk >= max_rows, got {max_rows}, {prefill_chunk}")
+        self.model, self.pool, self.cfg = model, pool, model.config
+        self.max_rows, self.prefill_chunk = max_rows, prefill_chunk
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, model.activation_dtype
+        self.rows: dict[int, _Row] = {}  # in admission order
+        self._next_id = 0
 
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling: pure functions on logits, one row at a time (rows may have different params)
+    def __len__(self) -> int:
+        return len(self.rows)
 
+    def blocks_needed(self, state: RequestState) -> int:
+        return self.pool.blocks_for(len(state.prompt_ids) + state.max_new)
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
-    """Repetition (HF), presence and frequency (OpenAI) penalties on one row of logits (V,); returns a new tensor."""
-    logits = logits.clone()
-    dev = logits.device
-    out = torch.as_tensor(output_ids, dtype=torch.long, device=dev)
-    if params.repetition_penalty != 1:
-        seen = torch.cat([torch.as_tensor(prompt_ids, dtype=torch.long, device=dev), out]).unique()
-        x = logits[seen]
-        logits[seen] = torch.where(x > 0, x / params.repetition_penalty, x * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and out.numel():
-        ids, counts = out.unique(return_counts=True)
-        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
-    return logits
+    def can_add(self, state: RequestState) -> bool:
+        """Whether a row and the blocks for its prompt + max_new tokens are free now."""
+        return len(self.rows) < self.max_rows and self.pool.can_reserve(self.blocks_needed(state))
 
+    def add(self, state: RequestState) -> int:
+        """Start a request (its prompt is prefilled over the next steps); returns its id. ValueError if no room."""
+        if len(self.rows) >= self.max_rows:
+            raise ValueError(f"the batch already runs {self.max_rows} rows")
+        n = self.blocks_needed(state)
+        if n > self.pool.n_blocks:
+            raise ValueError(f"prompt + max_new_tokens ({len(state.prompt_ids)} + {state.max_new} tokens) need "
+                             f"{n * self.pool.block_bytes / 2**20:.0f} MB of KV cache, more than the "
+                             f"{self.pool.kv_cache_mb:.0f} MB pool (kv_cache_mb / --kv-cache-mb)")
+        self.pool.reserve(n)
+        row = _Row(state, n)
+        state.id, self._next_id = self._next_id, self._next_id + 1
+        if state.prompt_logprobs:
+            state.prompt_scores = [(None, [])]
+        else:  # the n choices of one request: the first prefills, the others copy its cache
+            row.leader = next((r for r in self.rows.values() if r.leader is None and not r.decoding
+                               and not r.state.prompt_logprobs and r.state.prompt_ids == state.prompt_ids), None)
+        if row.leader is None:
+            self._allocate(row)
+        self.rows[state.id] = row
+        return state.id
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p (HF's order) on one row (V,); removed tokens get -inf."""
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p; the top token always stays
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    if params.min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    return logits
+    def _allocate(self, row: _Row):
+        st, bs = row.state, self.pool.block_size
+        cap = min(row.blocks * bs, len(st.prompt_ids) + min(st.max_new, INITIAL_DECODE_ROOM))
+        row.kv = RowKV(self.cfg, -(-cap // bs) * bs, self.dtype, self.device)
+        cache = self.pool.cache
+        if cache is not None and not st.prompt_logprobs:  # scoring needs every prompt position's logits
+            for b, (k, v) in enumerate(cache.lookup(st.prompt_ids, len(st.prompt_ids) - 1)):
+                row.kv.k[:, :, b * bs:(b + 1) * bs], row.kv.v[:, :, b * bs:(b + 1) * bs] = k, v
+                row.kv.length = row.computed = (b + 1) * bs
 
+    def cancel(self, rid: int):
+        """Stop a request now and return its blocks (unknown or finished ids are ignored)."""
+        row = self.rows.get(rid)
+        if row is not None:
+            if row.state.finish_reason is None:
+                row.state.finish_reason = "cancelled"
+            self._remove(row)
 
-def sample_next(logits: torch.Tensor, params, generators=None, history=None) -> torch.Tensor:
-    """Next token id per row of logits (B, V): penalties, then argmax or sampling; returns (B,) long.
+    def _remove(self, row: _Row):
+        del self.rows[row.state.id]
+        self.pool.release(row.blocks)
+        cache = self.pool.cache
+        if cache is not None and row.kv is not None and row.state.finish_reason in ("stop", "length"):
+            # the whole conversation so far: the next turn of a chat starts with it
+            cache.insert(row.state.prompt_ids + row.state.token_ids, row.kv, row.kv.length, self.pool.cache_capacity())
+        row.kv = None
+        for r in self.rows.values():  # its followers prefill on their own now
+            if r.leader is row:
+                r.leader = None
+                self._allocate(r)
 
-    params: one SamplingParams or one per row; generators: None, one torch.Generator or one (or None) per row;
-    history: per row (prompt_ids, output_ids), needed only for penalties.
-    """
-    B = logits.shape[0]
-    params = list(params) if isinstance(params, (list, tuple)) else [params] * B
-    generators = list(generators) if isinstance(generators, (list, tuple)) else [generators] * B
-    if all(p.greedy and not p.penalized for p in params):
-        return logits.argmax(-1)  # the common fast path: no float32 copy, no per-row work
-    out = []
-    for i, p in enumerate(params):
-        row = logits[i].float()
-        if p.penalized and history is not None:
-            row = apply_penalties(row, p, *history[i])
-        if p.greedy:
-            out.append(row.argmax())
-        else:
-            probs = filter_logits(row, p).softmax(-1)
-            out.append(torch.multinomial(probs, 1, generator=generators[i])[0])
-    return torch.stack(out)
+    # -----------------------------------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """Run one forward over every row's next tokens; returns what happened to each row."""
+        events: list[Event] = []
+        plan = self._plan()
+        if not plan:
+            return events
+        hidden = self._forward(plan, events)
+        picking = []  # (row, hidden state (C,) of its last token) of rows that pick a token now
+        for row, ids in plan:
+            h = hidden.get(row.state.id)
+            if h is None:
+                continue
+            try:
+                picking += self._after_forward(row, ids, h)
+            except Exception as e:  # noqa: BLE001 (a row's own failure must not stop the batch)
+                self._fail(row, e, events)
+        if picking:
+            with torch.inference_mode():  # one LM-head product for every row: the head is the largest weight
+                logits = self.model.logits(torch.stack([h for _, h in picking]))
+            self._sample([(r, lg) for (r, _), lg in zip(picking, logits)], events)
+        for row in [r for r in self.rows.values() if r.state.finish_reason is not None]:  # prefill-only rows
+            events.append(Event(row.state.id, "done"))
+            self._remove(row)
+        return events
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Stop strings and per-request state (text comes from tokenizer.StreamDecoder: it never splits a UTF-8 character)
-
-
-def stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest end of text that could be the start of a stop string (so it must be held back)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
+    def _plan(self) -> list[tuple[_Row, list[int]]]:
+        """Which tokens each row feeds this step: one per decoding row, then prompt chunks in arrival order."""
+        plan = [(r, [r.next_input]) for r in self.rows.values() if r.decoding]
+        # chunks only matter while streams are running; alone, a prompt is prefilled whole (fewer, larger products)
+        budget = self.prefill_chunk - len(plan) if plan else self.cfg.max_position_embeddings
+        for r in self.rows.values():
+            if budget <= 0:
                 break
-    return best
+            if not r.decoding and r.leader is None:
+                prompt = r.state.prompt_ids
+                take = min(len(prompt) - r.computed, budget)
+                plan.append((r, prompt[r.computed:r.computed + take]))
+                budget -= take
+        for r, ids in plan:
+            self._make_room(r, len(ids))
+        return plan
 
+    def _make_room(self, row: _Row, n: int):
+        need, kv, bs = row.kv.length + n, row.kv, self.pool.block_size
+        if need > kv.capacity:  # doubling keeps the copying linear; never beyond what the row reserved
+            kv.grow(min(row.blocks * bs, -(-max(need, 2 * kv.capacity) // bs) * bs))
 
-class RequestState:
-    """One row's state: its tokens, the text shown so far, the text held back, and why it finished."""
+    def _forward(self, plan, events) -> dict[int, torch.Tensor]:
+        """Hidden states (n, C) of each planned row's new tokens; a failing batch is retried row by row."""
+        try:
+            return self._run(plan)
+        except Exception as e:  # noqa: BLE001
+            if len(plan) == 1:
+                self._fail(plan[0][0], e, events)
+                return {}
+        out = {}
+        for row, ids in plan:
+            try:
+                out.update(self._run([(row, ids)]))
+            except Exception as e:  # noqa: BLE001
+                self._fail(row, e, events)
+        return out
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, max_new: int, stop_ids: set, tok, device):
-        self.prompt_ids, self.p, self.max_new, self.stop_ids, self.tok = prompt_ids, params, max_new, stop_ids, tok
-        self.token_ids: list[int] = []
-        self.logprobs: list[dict] | None = [] if params.logprobs else None
-        self.text, self.pending = "", ""  # pending: decoded but held back, it may start a stop string
-        self.decoder = StreamDecoder(tok, skip_special_tokens=True) if tok is not None else None
-        self.finish_reason: str | None = None
-        self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+    @torch.inference_mode()
+    def _run(self, plan) -> dict[int, torch.Tensor]:
+        if len(plan) == 1 and len(plan[0][1]) == 1 and self.model._compiled_layers is not None:
+            # batch-1 decode with Engine(compile=True): the compiled step runs on a KVCache view of the row
+            row, ids = plan[0]
+            view = row.kv.as_kvcache()
+            hidden = self.model(torch.tensor([ids], device=self.device), cache=view, head="hidden")[0]
+            row.kv.length = view.length[0]
+            return {row.state.id: hidden}
+        packed = PackedKV([r.kv for r, _ in plan], [len(ids) for _, ids in plan])
+        flat = torch.tensor([t for _, ids in plan for t in ids], device=self.device)[None]
+        hidden = self.model(flat, cache=packed, head="hidden")[0]  # (N, C)
+        return {r.state.id: hidden[s:e] for (r, _), s, e in zip(plan, packed.offsets, packed.offsets[1:])}
 
-    def add(self, token_id: int, logprobs: torch.Tensor | None) -> str:
-        """Take one sampled token; return the text that can be shown now."""
-        if token_id in self.stop_ids:
-            return self._finish("stop", self.pending + self._flush())
-        self.token_ids.append(token_id)
-        if self.logprobs is not None:
-            self._record_logprobs(token_id, logprobs)
-        text = self.pending + (self.decoder.push(token_id) if self.decoder else "")
-        hits = [i for i in (text.find(s) for s in self.p.stop) if i >= 0]
-        if hits:
-            return self._finish("stop", text[:min(hits)])
-        if len(self.token_ids) >= self.max_new:
-            return self._finish("length", text + self._flush())
-        cut = len(text) - stop_prefix_len(text, self.p.stop)
-        self.pending = text[cut:]
-        self.text += text[:cut]
-        return text[:cut]
+    @torch.inference_mode()
+    def _after_forward(self, row: _Row, ids: list[int], h: torch.Tensor) -> list:
+        """Advance a row past its forward: prompt scores, and the logits to sample from if it picks a token now."""
+        st = row.state
+        if row.decoding:
+            return [(row, h[-1])]
+        start, row.computed = row.computed, row.computed + len(ids)
+        if st.prompt_logprobs:
+            self._score_prompt(st, start, self.model.logits(h))  # (n, V): position i predicts prompt token i + 1
+        if row.computed < len(st.prompt_ids):
+            return []
+        if self.pool.cache is not None:
+            self.pool.cache.insert(st.prompt_ids, row.kv, row.computed, self.pool.cache_capacity())
+        if st.max_new == 0:  # prefill only (prompt logprobs)
+            st.finish_reason = "length"
+            return []
+        followers = [r for r in self.rows.values() if r.leader is row]
+        for r in followers:
+            r.kv, r.computed, r.leader = row.kv.fork(min(r.blocks * self.pool.block_size, row.kv.capacity)), \
+                row.computed, None
+            if r.state.max_new == 0:
+                r.state.finish_reason = "length"
+        return [(r, h[-1]) for r in [row] + followers if r.state.max_new > 0]
 
-    def _flush(self) -> str:
-        return self.decoder.flush() if self.decoder else ""
+    def _score_prompt(self, st: RequestState, start: int, logits: torch.Tensor):
+        prompt = st.prompt_ids
+        n = min(len(logits), len(prompt) - 1 - start)  # the last prompt position predicts the first new token
+        if n <= 0:
+            return
+        lp = logits[:n].float().log_softmax(-1)
+        chosen = lp.gather(1, torch.tensor(prompt[start + 1:start + 1 + n], device=lp.device)[:, None])[:, 0]
+        k = st.p.top_logprobs
+        tops = [[]] * n
+        if k:
+            values, top_ids = lp.topk(k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
+        st.prompt_scores += list(zip(chosen.tolist(), tops))
 
-    def _finish(self, reason: str, piece: str) -> str:
-        self.finish_reason, self.pending = reason, ""
-        self.text += piece
-        return piece
+    def _sample(self, sample: list, events: list[Event]):
+        """Pick a token for each (row, raw logits): processors, penalties, sampler; then stops and text."""
+        rows, raw, masked = [], [], []
+        for row, lg in sample:
+            try:
+                st, out = row.state, lg
+                for proc in st.processors:
+                    out = proc(out.float(), st.max_new - len(st.token_ids))
+                rows.append(row), raw.append(lg), masked.append(out)
+            except Exception as e:  # noqa: BLE001
+                self._fail(row, e, events)
+        if not rows:
+            return
+        tokens = self._pick(rows, masked, events)
+        for row, lg, t in zip(rows, raw, tokens):
+            if t is None:
+                continue
+            st = row.state
+            try:
+                piece = st.add(t, lg.float().log_softmax(-1) if st.p.logprobs else None)
+                for proc in st.processors:
+                    proc.accept(t)
+            except Exception as e:  # noqa: BLE001
+                self._fail(row, e, events)
+                continue
+            events.append(Event(st.id, "token", piece))
+            row.next_input = t
+            if st.finish_reason is not None:
+                events.append(Event(st.id, "done"))
+                self._remove(row)
 
-    def _record_logprobs(self, token_id: int, lp: torch.Tensor):
-        name = (lambda i: self.tok.decode([i])) if self.tok is not None else str
-        top = []
-        if self.p.top_logprobs:
-            values, ids = lp.topk(self.p.top_logprobs)
-            top = [(name(i), v) for i, v in zip(ids.tolist(), values.tolist())]
-        self.logprobs.append({"token": name(token_id), "logprob": lp[token_id].item(), "top_logprobs": top})
+    def _pick(self, rows, logits, events) -> list[int | None]:
+        """The sampler over all rows at once; if it raises, row by row so only the culprit fails."""
+        def history(rs):
+            return [(r.state.prompt_ids, r.state.token_ids) for r in rs] if any(r.state.p.penalized for r in rs) else None
 
-    def completion(self) -> Completion:
-        return Completion(self.text, self.token_ids, self.finish_reason, len(self.prompt_ids), self.logprobs)
+        try:
+            return sample_next(torch.stack(logits), [r.state.p for r in rows], [r.state.generator for r in rows],
+                               history(rows)).tolist()
+        except Exception:  # noqa: BLE001
+            pass
+        out = []
+        for row, lg in zip(rows, logits):
+            try:
+                out.append(int(sample_next(lg[None], [row.state.p], [row.state.generator], history([row]))[0]))
+            except Exception as e:  # noqa: BLE001
+                self._fail(row, e, events)
+                out.append(None)
+        return out
+
+    def _fail(self, row: _Row, e: Exception, events: list[Event]):
+        if row.state.id not in self.rows:
+            return
+        row.state.fail(f"{type(e).__name__}: {e}")
+        events.append(Event(row.state.id, "error", row.state.error))
+        self._remove(row)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,10 +303,13 @@ class RequestState:
 
 
 class Engine:
-    """Generates text from a Transformer and its tokenizer: generate (batched), stream and chat."""
+    """Generates text from a Transformer and its tokenizer: generate (batched), stream and chat, through DecodeBatch."""
 
-    def __init__(self, model: Transformer, tokenizer, generation_config: dict | None = None, compile: bool = False):
-        """compile=True runs decode steps through torch.compile (Transformer.compile_decode)."""
+    def __init__(self, model: Transformer, tokenizer, generation_config: dict | None = None, compile: bool = False,
+                 kv_cache_mb: float | None = None, block_size: int = 16, max_batch: int = 64,
+                 prefill_chunk: int = 512, prefix_caching: bool = True):
+        """compile=True runs decode steps through torch.compile (Transformer.compile_decode); kv_cache_mb bounds the
+        KV cache (default: a fifth of the free memory, see kvpool.default_kv_cache_mb)."""
         self.model, self.tok = model.eval().fuse_for_decode(), tokenizer  # fused q/k/v, gate/up: faster decode
         if compile:
             model.compile_decode()
@@ -217,6 +318,8 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, model.activation_dtype  # hidden states and KV cache
         self.eos_ids = self._eos_ids()
+        self.pool = BlockPool(self.config, kv_cache_mb, block_size, self.dtype, prefix_caching)
+        self.max_batch, self.prefill_chunk = max_batch, max(prefill_chunk, max_batch)
 
     def _eos_ids(self) -> set[int]:
         # generation_config and config.json EOS, plus the tokenizer's turn-ending tokens (e.g. <|im_end|>)
@@ -229,31 +332,41 @@ class Engine:
             ids.add(self.tok.eos_id)
         return {i for i in ids if i is not None and i >= 0}
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
-        """Complete each prompt (a str or a list of token ids); params: one for all, or one per prompt."""
+    def decode_batch(self, max_rows: int | None = None) -> DecodeBatch:
+        """A new decode core on this engine's model and KV pool (the scheduler runs one; generate makes its own)."""
+        return DecodeBatch(self.model, self.pool, max_rows or self.max_batch, self.prefill_chunk)
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 processors: list | None = None) -> list[Completion]:
+        """Complete each prompt (a str or a list of token ids); params: one for all, or one per prompt.
+
+        processors: per prompt, a list of logits processors (see constraints.py), e.g. [[json_object(engine)]].
+        A row that fails comes back with finish_reason "error" and its message in .error; the others are unaffected.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
-        run = self._run(prompts, params)
-        while True:
-            try:
-                next(run)
-            except StopIteration as done:
-                return done.value
+        states = self._requests(prompts, params, processors)
+        for _ in self._drive(states):
+            pass
+        return [s.completion() for s in states]
 
-    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt, params: SamplingParams | None = None, processors: list | None = None) -> Iterator[str]:
         """Text pieces as they are generated; `completion = yield from engine.stream(...)` also gets the Completion."""
-        run = self._run([prompt], params)
-        while True:
-            try:
-                _, piece = next(run)
-            except StopIteration as done:
-                return done.value[0]
-            yield piece
+        states = self._requests([prompt], params, [processors] if processors else None)
+        for ev in self._drive(states):
+            if ev.kind == "error":
+                raise RuntimeError(f"generation failed: {ev.text}")
+            if ev.text:
+                yield ev.text
+        return states[0].completion()
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None, stream: bool = False):
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, stream: bool = False,
+             processors: list | None = None):
         """Reply to a conversation rendered with the tokenizer's own chat template: a Completion, or pieces."""
         ids = self.chat_prompt_ids(messages)
-        return self.stream(ids, params) if stream else self.generate([ids], params)[0]
+        if stream:
+            return self.stream(ids, params, processors)
+        return self.generate([ids], params, [processors] if processors else None)[0]
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of the conversation plus the assistant turn's opening (the template writes special tokens)."""
@@ -272,58 +385,44 @@ class Engine:
             raise ValueError("prompt is empty: give at least one token")
         if len(ids) >= ctx:
             raise ValueError(f"prompt has {len(ids)} tokens but the model's context is {ctx}; shorten the prompt")
+        vocab = self.config.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
         return ids
 
-    def _requests(self, prompts, params) -> list[RequestState]:
+    def _requests(self, prompts, params, processors=None) -> list[RequestState]:
         params = params if params is not None else SamplingParams()
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one or one each")
+        processors = processors if processors is not None else [[] for _ in prompts]
+        if len(processors) != len(prompts):
+            raise ValueError(f"got {len(processors)} processor lists for {len(prompts)} prompts; give one each")
         reqs = []
-        for prompt, p in zip(prompts, params):
+        for prompt, p, procs in zip(prompts, params, processors):
             if p.stop and self.tok is None:
                 raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
             ids = self._prompt_ids(prompt)
-            reqs.append(self.new_state(ids, p, min(p.max_new_tokens, self.config.max_position_embeddings - len(ids))))
+            max_new = min(p.max_new_tokens, self.config.max_position_embeddings - len(ids))
+            reqs.append(self.new_state(ids, p, max_new, processors=procs))
         return reqs
 
-    def new_state(self, prompt_ids: list[int], params: SamplingParams, max_new: int) -> RequestState:
+    def new_state(self, prompt_ids: list[int], params: SamplingParams, max_new: int, processors=(),
+                  prompt_logprobs: bool = False) -> RequestState:
         """A request's decoding state: EOS ids (unless ignore_eos) and the params' stop token ids end it."""
         stop_ids = (set() if params.ignore_eos else self.eos_ids) | set(params.stop_token_ids)
-        return RequestState(prompt_ids, params, max_new, stop_ids, self.tok, self.device)
+        return RequestState(prompt_ids, params, max_new, stop_ids, self.tok, self.device, processors, prompt_logprobs)
 
-    @torch.inference_mode()  # on a generator function torch enters/leaves the mode around each resume
-    def _run(self, prompts, params):
-        """Yields (row, text piece) as rows advance; returns the list of Completions."""
-        reqs = self._requests(prompts, params)
-        B, L = len(reqs), max(len(r.prompt_ids) for r in reqs)
-        # prefill: left-pad to the longest prompt so every row's next token is at the last column
-        ids = torch.zeros(B, L, dtype=torch.long)
-        mask = torch.zeros(B, L, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, L - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = KVCache(self.config, B, L + max(r.max_new for r in reqs), dtype=self.dtype, device=self.device)
-        logits = self.model(ids, attention_mask=mask if not bool(mask.all()) else None, cache=cache, last_only=True)
-        active = list(range(B))  # which request each batch row holds
-        while True:
-            rows = [reqs[i] for i in active]
-            logits = logits[:, -1]  # (B, V)
-            history = [(r.prompt_ids, r.token_ids) for r in rows] if any(r.p.penalized for r in rows) else None
-            tokens = sample_next(logits, [r.p for r in rows], [r.generator for r in rows], history)
-            logprobs = logits.float().log_softmax(-1) if any(r.p.logprobs for r in rows) else None
-            keep = []
-            for j, (i, r, t) in enumerate(zip(active, rows, tokens.tolist())):
-                piece = r.add(t, logprobs[j] if logprobs is not None else None)
-                if piece:
-                    yield i, piece
-                if r.finish_reason is None:
-                    keep.append(j)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                cache.keep_rows(keep)
-                tokens, active = tokens[keep], [active[j] for j in keep]
-            logits = self.model(tokens[:, None], cache=cache)
-        return [r.completion() for r in reqs]
+    def _drive(self, states: list[RequestState]) -> Iterator[Event]:
+        """Run requests to the end through a DecodeBatch, admitting waiting ones as rows and blocks come free."""
+        core = self.decode_batch()
+        for st in states:
+            if core.blocks_needed(st) > self.pool.n_blocks:
+                core.add(st)  # raises the pool's clear error before anything runs
+        waiting = list(states)
+        while waiting or len(core):
+            while waiting and core.can_add(waiting[0]):
+                core.add(waiting.pop(0))
+            if not len(core):
+                raise ValueError("the KV cache is held by other requests; retry later")  # a concurrent DecodeBatch
+            yield from core.step()

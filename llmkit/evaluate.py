@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from llmkit import metrics
 from llmkit.data import read_utf8
-from llmkit.model import KVCache
+from llmkit.model import PackedKV
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading inputs: one clear line per problem, naming the record
@@ -123,72 +123,62 @@ def _scored_logprobs(model, hidden, targets):
     return logp.gather(-1, targets[:, None])[:, 0], logp.argmax(-1) == targets
 
 
+def _tree(ctx: list[int], conts: list[list[int]]):
+    """One packed segment for a context and its continuations: tokens, positions, (T, T) mask, scored indices.
+
+    The context comes once, then each continuation minus its last token (never fed); each continuation sees the
+    whole context and itself causally, never another continuation. Position i of the segment predicts targets[i].
+    """
+    Lc = len(ctx)
+    tokens, positions, owner = list(ctx), list(range(Lc)), [-1] * Lc
+    scored = []  # per continuation: indices whose logits predict its tokens
+    for j, c in enumerate(conts):
+        start = len(tokens)
+        tokens += c[:-1]
+        positions += range(Lc, Lc + len(c) - 1)
+        owner += [j] * (len(c) - 1)
+        scored.append([Lc - 1] + list(range(start, start + len(c) - 1)))
+    own = torch.tensor(owner)
+    pos = torch.tensor(positions)
+    same = (own[:, None] == own[None, :]) | (own[None, :] == -1)  # own continuation, or the context
+    mask = same & (pos[None, :] <= pos[:, None])
+    return tokens, positions, mask, scored
+
+
 @torch.inference_mode()
 def score_continuations(model, groups: list[tuple[list[int], list[list[int]]]], batch_size: int = 32,
                         progress: bool = False) -> list[list[tuple[float, bool]]]:
     """Sum of log p(continuation | context) and is-greedy for each (context_ids, [continuation_ids, ...]) group.
 
-    Contexts are prefilled once (left-padded, so every row ends at the same column); each continuation then runs
-    from a copy of its context's cache rows. Continuations are batched by length (little padding), batch_size rows
-    per forward; about 4 * batch_size rows' contexts are prefilled together.
+    Each group is one segment of a packed forward (kvcache.PackedKV, no padding): its context once, then its
+    continuations, each attending to the context and to itself; about batch_size groups share a forward. The LM
+    head runs only where a continuation token is scored.
     """
     if not model.config.causal:
         raise ValueError("log-likelihood evaluation needs a causal (decoder) language model, not an encoder")
-    device, dtype = _device_dtype(model)
+    device, _ = _device_dtype(model)
     out: list = [None] * len(groups)
-    # longest contexts first: similar lengths share a prefill (little padding) and memory peaks early
-    order = sorted(range(len(groups)), key=lambda g: -len(groups[g][0]))
-    outer, cur, rows = [], [], 0
-    for g in order:
-        cur.append(g)
-        rows += len(groups[g][1])
-        if rows >= 4 * batch_size:
-            outer.append(cur)
-            cur, rows = [], 0
-    if cur:
-        outer.append(cur)
     bar = _progress(len(groups), progress, "scoring")
-    for batch in outer:
-        ctxs = [groups[g][0] for g in batch]
-        Tc = max(len(c) for c in ctxs)
-        Tn = max(len(c) for g in batch for c in groups[g][1]) - 1  # the last continuation token is never fed
-        ids = torch.zeros(len(batch), Tc, dtype=torch.long)
-        mask = torch.zeros(len(batch), Tc, dtype=torch.long)
-        for i, c in enumerate(ctxs):
-            ids[i, Tc - len(c):] = torch.tensor(c)
-            mask[i, Tc - len(c):] = 1
-        cache = KVCache(model.config, len(batch), Tc + max(Tn, 0), dtype=dtype, device=device)
-        h_ctx = model(ids.to(device), attention_mask=mask.to(device), cache=cache, head="hidden")[:, -1]  # (n, C)
-        # one row per continuation: (context row in this prefill, continuation ids)
-        flat = [(i, c) for i, g in enumerate(batch) for c in groups[g][1]]
-        rows_of = torch.tensor([i for i, _ in flat], device=device)
-        lp0, gr0 = _scored_logprobs(model, h_ctx[rows_of], torch.tensor([c[0] for _, c in flat], device=device))
-        lps, greedy = lp0.tolist(), gr0.tolist()
-        by_len = sorted((r for r in range(len(flat)) if len(flat[r][1]) > 1), key=lambda r: len(flat[r][1]))
-        for k in range(0, len(by_len), batch_size):
-            part = by_len[k:k + batch_size]
-            T = len(flat[part[-1]][1]) - 1
-            ids = torch.zeros(len(part), T, dtype=torch.long)
-            targets = torch.zeros(len(part), T, dtype=torch.long)
-            mask = torch.zeros(len(part), T, dtype=torch.bool)
-            for j, r in enumerate(part):
-                c = flat[r][1]
-                ids[j, :len(c) - 1], targets[j, :len(c) - 1] = torch.tensor(c[:-1]), torch.tensor(c[1:])
-                mask[j, :len(c) - 1] = True
-            sub = cache.select(rows_of[part])
-            hidden = model(ids.to(device), attention_mask=mask.to(device), cache=sub, head="hidden")  # (R, T, C)
-            mask = mask.to(device)
-            lp, gr = _scored_logprobs(model, hidden[mask], targets.to(device)[mask])
-            # boolean indexing keeps row-major order: split the scored positions back into rows
-            counts = mask.sum(1).tolist()
-            for r, a, b in zip(part, torch.split(lp, counts), torch.split(gr, counts)):
-                lps[r] += float(a.sum())
-                greedy[r] = greedy[r] and bool(b.all())
-        r = 0
+    for i in range(0, len(groups), batch_size):
+        batch = range(i, min(i + batch_size, len(groups)))
+        trees = [_tree(*groups[g]) for g in batch]
+        packed = PackedKV([None] * len(trees), [len(t[0]) for t in trees], [t[2].to(device) for t in trees],
+                          [t[1] for t in trees])
+        ids = torch.tensor([x for t in trees for x in t[0]], device=device)[None]
+        hidden = model(ids, cache=packed, head="hidden")[0]  # (N, C)
+        index, targets, counts = [], [], []
+        for g, t, off in zip(batch, trees, packed.offsets):
+            for c, idx in zip(groups[g][1], t[3]):
+                index += [off + x for x in idx]
+                targets += c
+                counts.append(len(c))
+        index, targets = torch.tensor(index, device=device), torch.tensor(targets, device=device)
+        parts = [_scored_logprobs(model, hidden[index[k:k + 1024]], targets[k:k + 1024])  # bounded (P, V) logits
+                 for k in range(0, len(index), 1024)]
+        lp, gr = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+        res = iter(zip(torch.split(lp, counts), torch.split(gr, counts)))
         for g in batch:
-            n = len(groups[g][1])
-            out[g] = list(zip(lps[r:r + n], greedy[r:r + n]))
-            r += n
+            out[g] = [(float(a.sum()), bool(b.all())) for a, b in (next(res) for _ in groups[g][1])]
         bar.update(len(batch))
     bar.close()
     return out
@@ -250,28 +240,28 @@ def rolling_loglikelihood(model, tokens: list[int], prefix: int, context: int, s
     total = {"loglikelihood": 0.0, "tokens": 0, "entropy": 0.0, "top1_prob": 0.0, "greedy": 0}
     nll_per_window = []
     bar = _progress(len(windows), progress, "windows")
-    # same-length windows batch without padding; only the first / last may be shorter
+    # batch_size windows per forward, packed back to back (kvcache.PackedKV): no padding whatever their lengths
     for i in range(0, len(windows), batch_size):
-        chunk = windows[i:i + batch_size]
-        for length in sorted({e - a for a, e, _ in chunk}):
-            part = [w for w in chunk if w[1] - w[0] == length]
-            ids = torch.stack([seq[a:e] for a, e, _ in part]).to(device)
-            hidden = model(ids, head="hidden")  # (B, T, C)
-            for (a, e, n), h in zip(part, hidden):
-                targets = seq[e - n + 1:e + 1].to(device)
-                ll = 0.0
-                for j in range(0, n, 1024):  # bound the (positions, vocab) logits in memory
-                    logp = F.log_softmax(model.logits(h[length - n + j:length - n + j + 1024]).float(), dim=-1)
-                    t = targets[j:j + 1024]
-                    ll += float(logp.gather(-1, t[:, None]).sum())
-                    top, arg = logp.max(-1)  # one pass gives the top-1 probability and the greedy token
-                    total["entropy"] += float(-(logp.exp() * logp).sum())
-                    total["top1_prob"] += float(top.exp().sum())
-                    total["greedy"] += int((arg == t).sum())
-                total["loglikelihood"] += ll
-                total["tokens"] += n
-                nll_per_window.append((-ll, n))
-            bar.update(len(part))
+        part = windows[i:i + batch_size]
+        packed = PackedKV([None] * len(part), [e - a for a, e, _ in part])
+        ids = torch.cat([seq[a:e] for a, e, _ in part]).to(device)[None]
+        hidden = model(ids, cache=packed, head="hidden")[0]  # (N, C)
+        for (a, e, n), off in zip(part, packed.offsets[1:]):
+            h = hidden[off - n:off]  # the window's last n positions are the scored ones
+            targets = seq[e - n + 1:e + 1].to(device)
+            ll = 0.0
+            for j in range(0, n, 1024):  # bound the (positions, vocab) logits in memory
+                logp = F.log_softmax(model.logits(h[j:j + 1024]).float(), dim=-1)
+                t = targets[j:j + 1024]
+                ll += float(logp.gather(-1, t[:, None]).sum())
+                top, arg = logp.max(-1)  # one pass gives the top-1 probability and the greedy token
+                total["entropy"] += float(-(logp.exp() * logp).sum())
+                total["top1_prob"] += float(top.exp().sum())
+                total["greedy"] += int((arg == t).sum())
+            total["loglikelihood"] += ll
+            total["tokens"] += n
+            nll_per_window.append((-ll, n))
+        bar.update(len(part))
     bar.close()
     total["window_nll"] = nll_per_window
     return total

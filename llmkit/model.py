@@ -5,7 +5,6 @@ folders load without renaming; checkpoint.py maps GPT-2 and BERT names onto thes
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -15,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.config import ModelConfig
+from llmkit.kvcache import KVCache, PackedKV, PackedLayer, RowKV  # noqa: F401  (re-exported)
 
 
 def activation(name: str):
@@ -51,53 +51,6 @@ def make_norm(cfg: ModelConfig, dim: int, device=None) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps, device=device)
     return LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias, device=device)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache:
-    """Preallocated keys/values for every layer, (B, n_kv_head, max_len, head_dim), with a write slot per row.
-
-    Rows may hold different numbers of tokens (left-padded prompts, or requests that joined a batch at different
-    times); `valid` marks which slots hold real tokens, so padding never receives attention.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, device=None):
-        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.length = [0] * batch_size  # next write slot of each row
-        self.n_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row (positions)
-        self.max_len = max_len
-        self.has_padding = False
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.length)
-
-    def select(self, rows) -> "KVCache":
-        """A new cache whose row j copies row rows[j] (e.g. one prompt shared by several continuations)."""
-        idx = torch.as_tensor(rows, device=self.valid.device)
-        out = copy.copy(self)
-        out.k = [k.index_select(0, idx) for k in self.k]
-        out.v = [v.index_select(0, idx) for v in self.v]
-        out.valid, out.n_tokens = self.valid.index_select(0, idx), self.n_tokens.index_select(0, idx)
-        out.length = [self.length[r] for r in idx.tolist()]
-        return out
-
-    def keep_rows(self, rows: list[int]):
-        """Keep only these rows (finished ones leave the batch, so later steps compute only running rows)."""
-        self.__dict__.update(self.select(rows).__dict__)
-
-    def reset_rows(self, rows: list[int]):
-        """Empty the given rows so new sequences can take them (continuous batching)."""
-        for r in rows:
-            self.length[r] = 0
-            self.valid[r] = False
-            self.n_tokens[r] = 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,6 +180,9 @@ class Attention(nn.Module):
             v = _linear(self.v_proj, x).view(B, T, Hkv, hd).transpose(1, 2)
             if rope is not None:
                 q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
+        if isinstance(kv, PackedLayer):
+            y = kv.attend(q, k, v, enable_gqa=cfg.n_kv_head != cfg.n_head)
+            return _linear(self.o_proj, y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
         if kv is not None:
             k, v = self._write_cache(*kv, k, v, slots)
         is_causal = mask is None and cfg.causal and T > 1
@@ -393,18 +349,22 @@ class Transformer(nn.Module):
 
     # -----------------------------------------------------------------------------------------------------------
     def forward(self, input_ids, *, attention_mask=None, positions=None, token_type_ids=None,
-                cache: KVCache | None = None, head: str = "lm", last_only: bool = False):
+                cache: KVCache | PackedKV | None = None, head: str = "lm", last_only: bool = False):
         """input_ids (B, T) -> logits (B, T, V) for head="lm", (B, num_labels) for "classify", (B, T, C) for "hidden".
 
         attention_mask (B, T): 1 for real tokens, 0 for padding. With a cache, tokens are written after each row's
-        previous ones and attend to them.
+        previous ones and attend to them. With a PackedKV, input_ids (1, N) holds several rows' new tokens back to back.
         """
         cfg = self.config
         B, T = input_ids.shape
         dev = input_ids.device
         real = None if attention_mask is None else attention_mask.bool()
         mask, slots = None, None
-        if cache is not None:
+        if isinstance(cache, PackedKV):
+            if B != 1 or T != cache.n_tokens or attention_mask is not None:
+                raise ValueError(f"packed input must be (1, {cache.n_tokens}) without attention_mask, got ({B}, {T})")
+            positions = cache.positions(dev) if positions is None else positions
+        elif cache is not None:
             mask, slots, positions_c = self._cache_step(cache, real, B, T, dev)
             positions = positions_c if positions is None else positions
         elif real is not None and not bool(real.all()):
@@ -434,7 +394,9 @@ class Transformer(nn.Module):
             x = self._compiled_step(x, rope, cache, slots)
         else:
             x = self._layers(x, rope, mask, cache, slots)
-        if cache is not None:
+        if isinstance(cache, PackedKV):
+            cache.advance()
+        elif cache is not None:
             self._cache_advance(cache, real, B, T, slots)
 
         if head == "hidden":
@@ -453,7 +415,7 @@ class Transformer(nn.Module):
 
     def _layers(self, x, rope, mask, cache, slots):
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, None if cache is None else (cache.k[i], cache.v[i]), slots)
+            x = layer(x, rope, mask, None if cache is None else cache.layer(i), slots)
         return self.norm(x) if self.config.final_norm else x
 
     # -----------------------------------------------------------------------------------------------------------

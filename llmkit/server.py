@@ -43,6 +43,7 @@ class ServeConfig:
     cors_origins: list = field(default_factory=list)
     dtype: str | None = None
     device: str = "cpu"
+    kv_cache_mb: float | None = None  # per model; None: a fifth of the free memory
 
 
 class APIError(Exception):
@@ -188,7 +189,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 lm = spec if hasattr(spec, "model") else load_model(spec, dtype=cfg.dtype, device=cfg.device)
                 if lm.tokenizer is None:
                     raise ValueError(f"model {name!r} ({lm.path}) has no tokenizer; the server needs one")
-                engine = Engine(lm.model, lm.tokenizer, lm.generation_config)
+                engine = Engine(lm.model, lm.tokenizer, lm.generation_config, kv_cache_mb=cfg.kv_cache_mb)
                 state["models"][name] = Served(name, engine, Scheduler(engine, cfg.max_batch, cfg.max_queue))
             state["ready"] = True
         except Exception as e:  # reported by /health and every route, instead of a silent dead server
@@ -527,7 +528,10 @@ def _prometheus(models: dict, http: dict) -> str:
               ("prompt_tokens_total", "counter", lambda s: s.stats.prompt_tokens),
               ("generation_tokens_total", "counter", lambda s: s.stats.generated_tokens),
               ("queue_length", "gauge", lambda s: s.queue_length),
-              ("running_batch_size", "gauge", lambda s: s.batch_size)]
+              ("running_batch_size", "gauge", lambda s: s.batch_size),
+              ("kv_cache_blocks_reserved", "gauge", lambda s: s.engine.pool.reserved),
+              ("kv_cache_blocks_cached", "gauge", lambda s: s.engine.pool.cached),
+              ("kv_cache_blocks_total", "gauge", lambda s: s.engine.pool.n_blocks)]
     for name, kind, get in series:
         lines.append(f"# TYPE llmkit_{name} {kind}")
         lines += [f'llmkit_{name}{{model="{m.name}"}} {get(m.scheduler)}' for m in models.values()]
