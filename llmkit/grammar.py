@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import threading
 
+import numpy as np
 import torch
 
 # single-character tokens tried, in this order, to close a structure quickly: closers first, openers last
 _CLOSE_ORDER = '}]"0:' + "nulltruefalse" + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ123456789.-_ " + ",[{"
 _CLOSE_LIMIT = 256  # characters; beyond this the closing search gives up (pathological schemas)
-_ZONE = 32  # within this many tokens of the shortest closing, each candidate's own closing is checked
-_CHECK = 8  # in the closing zone, the top-k candidates whose closing is checked one by one
+_ZONE = 16  # within this many tokens of the shortest closing, each candidate's own closing is checked
+_CHECK = 4  # in the closing zone, the top-k candidates whose closing is checked one by one
 MAX_SCHEMA_BYTES = 64 << 10
 
 _lock = threading.Lock()
@@ -116,31 +117,32 @@ class GrammarProcessor:
         self.m = llguidance.LLMatcher(grammar.lltok, grammar.grammar)
         if self.m.is_error():
             raise ValueError(f"grammar: {self.m.get_error()}")
-        n = grammar.tok.vocab_size
-        self.words = (n + 31) // 32
-        self.bits = torch.zeros(self.words, dtype=torch.int32)
-        self.shifts = torch.arange(32, dtype=torch.int32)
         self.finished = False  # an EOS was accepted after the grammar completed
 
     # ---------------------------------------------------------------------------------------------------------
-    def allowed(self) -> torch.Tensor:
+    # Masks are numpy arrays: on a busy CPU each small torch op on a 49k vector can cost milliseconds (thread pool
+    # wake-ups), numpy's single-threaded ones cost microseconds.
+
+    def allowed(self) -> np.ndarray:
         """Bool (vocab,) of the tokens the grammar allows next."""
+        n = self.g.tok.vocab_size
         if self.finished or self.m.is_stopped() or self.m.is_error():
-            mask = torch.zeros(self.g.tok.vocab_size, dtype=torch.bool)
+            mask = np.zeros(n, dtype=bool)
             mask[list(self.g.eos_ids)] = True
             return mask
-        self.m.unsafe_compute_mask_ptr(self.bits.data_ptr(), self.words * 4)
-        return ((self.bits[:, None] >> self.shifts) & 1).bool().flatten()[: self.g.tok.vocab_size]
+        bits = np.unpackbits(np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        return bits[:n].astype(bool)
 
     def __call__(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
         """logits (V,) -> logits with disallowed tokens at -inf (V may exceed the tokenizer's vocab: padding)."""
-        allowed = self.allowed()
-        V = logits.shape[-1]
-        keep = torch.zeros(V, dtype=torch.bool, device=logits.device)
-        keep[: allowed.shape[0]] = allowed[:V].to(logits.device)
+        x = logits.detach().float().cpu().numpy()
+        keep = np.zeros(x.shape[0], dtype=bool)
+        allowed = self.allowed()[: x.shape[0]]
+        keep[: allowed.shape[0]] = allowed
         if not self.finished and not self.m.is_accepting():
-            keep = self._budget(logits, keep, remaining)
-        return logits.masked_fill(~keep, float("-inf"))
+            keep = self._budget(x, keep, remaining)
+        out = np.where(keep, x, np.float32(-np.inf)).astype(np.float32, copy=False)
+        return torch.from_numpy(out).to(logits.device)
 
     def accept(self, token_id: int) -> None:
         """Advance past the chosen token (an EOS after completion finishes the row)."""
@@ -157,61 +159,58 @@ class GrammarProcessor:
         return self.finished or self.m.is_accepting()
 
     # ---------------------------------------------------------------------------------------------------------
-    def closing(self, m=None) -> list[int] | None:
-        """The shortest closing found greedily (forced tokens, then single characters, closers first), or None."""
+    def closing(self, m=None, limit: int = _CLOSE_LIMIT) -> list[int] | None:
+        """The shortest closing found greedily (forced tokens, then single characters, closers first), or None
+        (also when it would be longer than limit tokens)."""
         m = (m or self.m).deep_copy()
-        path = []
+        path, q, letter = [], self.g.quote, self.g.letter
         while not m.is_accepting():
-            if len(path) > _CLOSE_LIMIT or m.is_error() or m.is_stopped():
+            if len(path) > limit or m.is_error() or m.is_stopped():
                 return None
             ff = m.compute_ff_tokens()
             if ff:
                 m.consume_tokens(ff)
                 path += ff
                 continue
-            if self._quote_closes(m):
-                path.append(self.g.quote)
-                continue
-            for t in self.g.closers:
-                if m.try_consume_tokens([t]) == 1:
-                    path.append(t)
-                    break
-            else:
+            mask = m.compute_bitmask()  # one bit per token: testing a candidate is a byte lookup
+            t = None
+            if q is not None and _bit(mask, q):  # inside a string a quote closes it (else '}' is more string)
+                c = m.deep_copy()
+                c.consume_token(q)
+                if c.is_accepting() or letter is None or not _bit(c.compute_bitmask(), letter):
+                    t = q
+            if t is None:
+                t = next((c for c in self.g.closers if _bit(mask, c)), None)
+            if t is None:
                 return None
+            m.consume_token(t)
+            path.append(t)
         return path
 
-    def _quote_closes(self, m) -> bool:
-        """Inside a string a quote closes it (else '}' would just be more string): take it if it leaves the string."""
-        q, letter = self.g.quote, self.g.letter
-        if q is None or letter is None:
-            return False
-        c = m.deep_copy()
-        if c.try_consume_tokens([q]) != 1 or (not c.is_accepting() and c.validate_tokens([letter]) == 1):
-            return False
-        m.consume_token(q)
-        return True
-
-    def _budget(self, logits: torch.Tensor, keep: torch.Tensor, remaining: int) -> torch.Tensor:
+    def _budget(self, x: np.ndarray, keep: np.ndarray, remaining: int) -> np.ndarray:
         """In the last tokens of the budget keep only tokens after which the structure can still close in time."""
         path = self.closing()
         if path is None or remaining > len(path) + _ZONE:
             return keep
+        out = np.zeros_like(keep)
+        out[path[0]] = True
         if remaining <= len(path):  # no room left for anything else: follow the closing
-            out = torch.zeros_like(keep)
-            out[path[0]] = True
             return out
         # a few tokens of slack: keep the model's best candidates whose own closing still fits
-        out = torch.zeros_like(keep)
-        out[path[0]] = True
-        cand = logits.masked_fill(~keep, float("-inf")).topk(min(_CHECK, int(keep.sum()))).indices.tolist()
-        for t in cand:
+        scores = np.where(keep, x, -np.inf)
+        k = min(_CHECK, int(keep.sum()))
+        for t in np.argpartition(-scores, k - 1)[:k].tolist() if k else []:
             m = self.m.deep_copy()
-            if not m.consume_token(t):
+            if not keep[t] or not m.consume_token(t):
                 continue
-            after = [] if m.is_accepting() else self.closing(m)
-            if after is not None and len(after) <= remaining - 1:
+            after = [] if m.is_accepting() else self.closing(m, limit=remaining - 1)
+            if after is not None and len(after) <= remaining - 1:  # (the limit may be overshot by forced tokens)
                 out[t] = True
         return out
+
+
+def _bit(mask: bytes, t: int) -> bool:
+    return bool(mask[t >> 3] >> (t & 7) & 1)
 
 
 class LogitBias:
@@ -223,13 +222,14 @@ class LogitBias:
                 raise ValueError(f"logit_bias token id {t} is outside the vocabulary [0, {vocab_size})")
             if not -100 <= b <= 100:
                 raise ValueError(f"logit_bias value {b} for token {t} must be in [-100, 100]")
-        self.ids = torch.tensor(list(bias), dtype=torch.long)
-        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+        self.ids = np.array(list(bias), dtype=np.int64)
+        self.values = np.array(list(bias.values()), dtype=np.float32)
 
     def __call__(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
-        out = logits.clone()
-        out[self.ids.to(out.device)] += self.values.to(out.device, out.dtype)
-        return out
+        out = logits.detach().float().cpu().numpy().copy()
+        ok = self.ids < out.shape[0]
+        out[self.ids[ok]] += self.values[ok]
+        return torch.from_numpy(out).to(logits.device)
 
     def accept(self, token_id: int) -> None:
         pass

@@ -88,7 +88,8 @@ def call_schema(functions: list[dict]) -> dict:
         params = f.get("parameters") or {"type": "object"}
         options.append({"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": params},
                         "required": ["name", "arguments"], "additionalProperties": False})
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**schema, "x-guidance": {"whitespace_flexible": False}}  # compact JSON: no whitespace to wander into
 
 
 def tool_lark(tools: list[dict], choice, parallel: bool) -> str:
