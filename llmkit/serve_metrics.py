@@ -67,7 +67,9 @@ class _Collector:
             yield CounterMetricFamily("llmkit:http_requests", "HTTP requests to the API", value=self.http.requests)
             rej = CounterMetricFamily("llmkit:request_rejected", "Requests refused before decoding",
                                       labels=["reason"])
-            for reason in ("queue_full", "rate_limit", "body_too_large"):
+            queue_full = sum(m.scheduler.stats.rejected for m in list(self.models.values()))
+            rej.add_metric(["queue_full"], queue_full + self.http.rejected["queue_full"])
+            for reason in ("rate_limit", "body_too_large"):
                 rej.add_metric([reason], self.http.rejected[reason])
             yield rej
             yield CounterMetricFamily("llmkit:scheduler_restarts", "Scheduler threads restarted after dying",

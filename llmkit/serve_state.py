@@ -9,9 +9,7 @@ request it held gets an error event, /health answers 503 until a fresh scheduler
 from __future__ import annotations
 
 import collections
-import math
 import threading
-import time
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -30,7 +28,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 @dataclass
 class ServeConfig:
     """Everything `llmkit serve` can be told."""
-    models: dict = field(default_factory=lambda: {"default": "default"})  # name -> spec (path, "default") or LoadedModel
+    models: dict = field(default_factory=lambda: {"default": "default"})  # name -> path, "default" or LoadedModel
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -238,11 +236,3 @@ class BodyLimit:
         resp = error_response(413, f"{what} exceeds the limit of {self.max_bytes} bytes",
                               headers={"Connection": "close"})
         await resp({"type": "http"}, receive, send)
-
-
-def retry_after(seconds: float) -> dict:
-    return {"Retry-After": str(max(1, math.ceil(seconds)))}
-
-
-def now() -> float:
-    return time.time()

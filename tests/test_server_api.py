@@ -15,7 +15,6 @@ import jsonschema
 import numpy as np
 import openai
 import pytest
-import torch
 
 from llmkit.checkpoint import load_model
 from llmkit.server import BackgroundServer, ServeConfig
