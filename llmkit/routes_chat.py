@@ -22,6 +22,7 @@ from llmkit.serve_constraints import Constraint, build_constraint
 from llmkit.serve_state import APIError, Served, authorize, error_body, state_of
 
 router = APIRouter()
+SAMPLING_EPS = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -34,7 +35,11 @@ def sampling_kwargs(req: Sampling, logprobs: bool, top_logprobs: int) -> dict:
         v = getattr(req, name)
         return default if v is None else v
 
-    return dict(temperature=get("temperature", 1.0), top_p=get("top_p", 1.0), top_k=max(0, get("top_k", 0)),
+    # like vLLM: a temperature under 1e-5 means greedy, and top_p is floored at 1e-5; dividing by 1e-300 or a top_p
+    # that rounds to 0 in float32 leaves no token to sample (NaN probabilities)
+    temperature, top_p = get("temperature", 1.0), get("top_p", 1.0)
+    return dict(temperature=0.0 if temperature < SAMPLING_EPS else temperature, top_p=max(top_p, SAMPLING_EPS),
+                top_k=max(0, get("top_k", 0)),
                 min_p=get("min_p", 0.0), repetition_penalty=get("repetition_penalty", 1.0),
                 presence_penalty=get("presence_penalty", 0.0), frequency_penalty=get("frequency_penalty", 0.0),
                 seed=req.seed, ignore_eos=req.ignore_eos, stop=req.stops(), logprobs=logprobs,

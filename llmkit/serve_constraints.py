@@ -32,13 +32,15 @@ class Constraint:
 
 def _grammar(m: Served, key: tuple, make) -> G.Grammar:
     cache = m.grammars
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
+    with m.grammar_lock:  # requests build their constraints in worker threads
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
     g = make()
-    cache[key] = g
-    while len(cache) > GRAMMAR_CACHE:
-        cache.popitem(last=False)
+    with m.grammar_lock:
+        cache[key] = g
+        while len(cache) > GRAMMAR_CACHE:
+            cache.popitem(last=False)
     return g
 
 

@@ -70,6 +70,7 @@ class Served:
     scheduler: ProcessorScheduler
     grammars: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     embed_lock: threading.Lock = field(default_factory=threading.Lock)
+    grammar_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def context(self) -> int:

@@ -344,3 +344,24 @@ def test_tokenizer_info_serves_lm_evals_remote_tokenizer(server, tiny):
     assert rt.encode("Hello world") == tiny.tokenizer.encode("Hello world", add_special_tokens=False)
     assert rt.decode(rt.encode("Hello world")) == "Hello world"
     assert rt.apply_chat_template(MSG) == tiny.tokenizer.apply_chat_template(MSG, add_generation_prompt=True)
+
+
+def test_extreme_legal_values_fail_no_one(server):
+    """Values at the edge of the legal ranges used to make the shared decode step produce NaN probabilities."""
+    url = server.url + "/v1/chat/completions"
+    innocent = {}
+
+    def stream():
+        body = {"messages": MSG, "max_tokens": 40, "stream": True, "ignore_eos": True, "seed": 1}
+        with httpx.stream("POST", url, json=body, timeout=60) as r:
+            innocent["lines"] = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+
+    t = threading.Thread(target=stream)
+    t.start()
+    for extra in [{"temperature": 1e-300}, {"temperature": 5e-324, "top_k": 5}, {"top_p": 1e-300},
+                  {"frequency_penalty": 2, "presence_penalty": 2, "temperature": 1e-40}, {"min_p": 1.0},
+                  {"logit_bias": {str(i): -100 for i in range(300)}}, {"seed": -(2**63)}, {"top_k": 2**31 - 1}]:
+        r = httpx.post(url, json={"messages": MSG, "max_tokens": 5, **extra}, timeout=60)
+        assert r.status_code == 200, (extra, r.text)
+    t.join(60)
+    assert innocent["lines"][-1] == "data: [DONE]" and not any('"error"' in ln for ln in innocent["lines"])

@@ -22,7 +22,8 @@ EXAMPLES = 20
 # ---------------------------------------------------------------------------------------------------------------
 # Values: boundaries of every machine type, plus arbitrary JSON
 
-FLOATS = [0, -0.0, 1e-300, -1, 0.5, 1, 2, 2.0000001, 100, 1e308, -1e308, math.nan, math.inf, -math.inf]
+FLOATS = [0, -0.0, 1e-300, 5e-324, 1e-45, 1e-6, -1, 0.5, 1, 2, 2.0000001, 100, 1e308, -1e308, math.nan, math.inf,
+          -math.inf]
 INTS = [0, -1, 1, 2, 4, 20, 21, 128, 2**31 - 1, 2**31, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**30]
 STRINGS = ["", "x", "tiny", "\ud800", "\udfff", "\x00", "é" * 50, "<tool_call>", "x" * 5000, "{", "\n\n"]
 scalars = st.one_of(st.none(), st.booleans(), st.sampled_from(FLOATS), st.sampled_from(INTS),
@@ -96,7 +97,9 @@ EMBED = {"model": SAMPLING["model"], "encoding_format": st.one_of(st.sampled_fro
 # legal values only, in random combinations: these reach the decode loop (JSON mode, tools, bias, stops, n, logprobs)
 good_text = st.sampled_from(["x", "tiny", "é" * 5, "<tool_call>", "{", "\n\n", "Hello"])
 VALID = {
-    "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "top_k": st.integers(-1, 50),
+    "temperature": st.one_of(st.floats(0, 2), st.sampled_from([5e-324, 1e-300, 1e-45, 1e-6])),
+    "top_p": st.one_of(st.floats(0, 1, exclude_min=True), st.sampled_from([5e-324, 1e-300])),
+    "top_k": st.integers(-1, 50),
     "min_p": st.floats(0, 1), "repetition_penalty": st.floats(0.5, 2), "presence_penalty": st.floats(-2, 2),
     "frequency_penalty": st.floats(-2, 2), "seed": st.integers(-(2**63), 2**63 - 257),
     "stop": st.one_of(good_text, st.lists(good_text, max_size=4)), "n": st.integers(1, 3),
