@@ -3,7 +3,7 @@
 For each library: build its tokenizer view of the default model's 49,152-token vocabulary, compile a JSON schema
 (and plain JSON for json_object), then walk a valid answer token by token, computing the allowed-token mask before
 each token and advancing the matcher with it. Reports the compile time and the mean/p50/p99 per-token time (mask +
-advance), best of --repeats walks. llmkit.grammar uses the library this picks. Writes benchmarks/results/grammar_mask.json.
+advance), best of --repeats walks. Writes benchmarks/results/grammar_mask.json.
 
     pip install '.[bench]'   # xgrammar and outlines-core, to compare against
     flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD .venv/bin/python benchmarks/grammar_mask.py

@@ -65,9 +65,13 @@ def max_new_tokens(asked: int | None, name: str, prompt_len: int, m: Served, cap
     return asked
 
 
-def submit(m: Served, prompts: list[list[int]], kw: dict, max_new: int, n: int, constraint: Constraint | None,
-           **extra):
-    """Queue n rows per prompt; returns (requests, queue of (row index, event))."""
+def row_processors(constraint: Constraint | None, rows: int) -> list[list]:
+    """Fresh processors for each row (a matcher each; built in a worker thread: big grammars take a while)."""
+    return [constraint.processors() if constraint else [] for _ in range(rows)]
+
+
+def submit(m: Served, prompts: list[list[int]], kw: dict, max_new: int, n: int, processors: list[list], **extra):
+    """Queue n rows per prompt (row i gets processors[i]); returns (requests, queue of (row index, event))."""
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
     reqs = []
     for p in prompts:
@@ -81,8 +85,7 @@ def submit(m: Served, prompts: list[list[int]], kw: dict, max_new: int, n: int, 
                 params = SamplingParams(**args)
             except ValueError as e:
                 raise APIError(400, str(e), str(e).split()[0]) from None
-            procs = constraint.processors() if constraint else []
-            reqs.append(ProcessorRequest(p, params, max_new, emit, processors=procs, **extra))
+            reqs.append(ProcessorRequest(p, params, max_new, emit, processors=processors[i], **extra))
     try:
         m.scheduler.submit(reqs)
     except QueueFull as e:
@@ -182,8 +185,9 @@ async def chat_completions(req: ChatRequest, request: Request, key=Depends(autho
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_new = max_new_tokens(req.new_tokens(), name, len(ids), m, st.cfg.max_tokens_cap, None, 1)
     constraint = await run_in_threadpool(build_constraint, m, req, max_new)
+    procs = await run_in_threadpool(row_processors, constraint, req.n)
     kw = sampling_kwargs(req, req.logprobs, req.top_logprobs or 0)
-    reqs, q = submit(m, [ids], kw, max_new, req.n, constraint)
+    reqs, q = submit(m, [ids], kw, max_new, req.n, procs)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": m.name,
             "system_fingerprint": "llmkit"}
     if not req.stream:
@@ -259,8 +263,9 @@ async def completions(req: CompletionRequest, request: Request, key=Depends(auth
     if max_new == 0 and req.stream:
         raise APIError(400, "'max_tokens': 0 needs stream false", "max_tokens")
     constraint = await run_in_threadpool(build_constraint, m, req, max(max_new, 1))
+    procs = await run_in_threadpool(row_processors, constraint, req.n * len(prompts))
     kw = sampling_kwargs(req, top is not None, top or 0)
-    reqs, q = submit(m, prompts, kw, max_new, req.n, constraint, prompt_logprobs=req.echo and top is not None)
+    reqs, q = submit(m, prompts, kw, max_new, req.n, procs, prompt_logprobs=req.echo and top is not None)
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": m.name}
     n_prompt = sum(len(p) for p in prompts)
