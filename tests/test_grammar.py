@@ -96,3 +96,29 @@ def test_bad_schemas_and_bias_are_value_errors(tok):
         LogitBias({10**6: 1}, tok.vocab_size)
     with pytest.raises(ValueError):
         LogitBias({1: 101}, tok.vocab_size)
+
+
+def test_generate_json_schema_cli(tok, tmp_path):
+    """`llmkit generate --json-schema FILE`: output validates, even when --max-new-tokens cuts it; errors are one line."""
+    import os
+    import subprocess
+    import sys
+
+    model = make_tiny_model(tmp_path / "m")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "llmkit", "generate", "Hello", "--model", str(model), *args],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    for seed, n in ((1, 200), (2, 60)):
+        r = run("--json-schema", str(schema), "--seed", str(seed), "--temperature", "1.5", "--max-new-tokens", str(n))
+        assert r.returncode == 0, r.stderr
+        jsonschema.validate(json.loads(r.stdout), SCHEMA)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    for args in (["--json-schema", str(bad)], ["--json-schema", str(tmp_path / "missing.json")],
+                 ["--json-schema", str(schema), "--max-new-tokens", "3"]):
+        r = run(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") <= 1, r.stderr
