@@ -1,14 +1,17 @@
 """Structured output: logits processors that keep a row's output inside a grammar (JSON, a JSON schema, tool calls).
 
 The grammar engine is llguidance (benchmarks/grammar_mask.py measured it, xgrammar and outlines-core on the default
-model's 49,152-token vocabulary: llguidance and xgrammar both cost ~0.02-0.03 ms per token, outlines-core ~0.9 ms
-and ~180 ms to compile a schema; llguidance compiles lazily in under 1 ms and can copy a matcher and test tokens
+model's 49,152-token vocabulary: llguidance and xgrammar both cost ~0.02-0.03 ms per token, outlines-core ~1-2 ms
+and ~0.2-0.5 s to compile a schema; llguidance compiles lazily in under 1 ms and can copy a matcher and test tokens
 without committing them, which the budget check below needs).
 
 A processor follows the decode core's protocol: `processor(logits (V,), remaining) -> logits (V,)` masks the next
 token of one row (remaining = tokens left in the row's budget, this one included) and `processor.accept(token_id)`
 advances it after the token is chosen. Budget: when the tokens left are barely enough to close the structure, the
 processor forces the shortest closing it can find, so output cut by max_tokens still parses (finish_reason "length").
+The closing is found greedily (forced text, then single characters, closers first); within _ZONE tokens of it the
+model's top candidates are kept only if their own closing still fits. A single token that lengthens the closing by
+more than _ZONE tokens before that zone (a huge required object opened by one token) could still overrun the budget.
 After the grammar is complete only the end-of-sequence tokens are allowed, also with ignore_eos (they add no text).
 """
 from __future__ import annotations

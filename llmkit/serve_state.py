@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from llmkit.engine import Engine
 from llmkit.processor_scheduler import ProcessorScheduler
-from llmkit.serve_auth import Key, KeyRing, RateLimited
+from llmkit.serve_auth import Key, KeyRing, RateLimited, read_key_file
 from llmkit.serve_metrics import HttpCounters
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -81,8 +81,6 @@ class ServerState:
     """Models (loaded in a background thread), keys, counters; shared by every route through app.state.llmkit."""
 
     def __init__(self, cfg: ServeConfig):
-        from llmkit.serve_auth import Key, read_key_file
-
         self.cfg = cfg
         self.models: dict[str, Served] = {}
         self.error: str | None = None
