@@ -89,7 +89,7 @@ def submit(m: Served, prompts: list[list[int]], kw: dict, max_new: int, n: int, 
     try:
         m.scheduler.submit(reqs)
     except QueueFull as e:
-        raise APIError(429, str(e), code="server_busy") from None
+        raise APIError(429, str(e), code="server_busy", headers={"Retry-After": "1"}) from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
     return reqs, q
