@@ -95,6 +95,8 @@ def add_generate(sub):
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--json", action="store_true", help="constrain the output to one JSON object (JSON mode)")
+    p.add_argument("--json-schema", default=None, metavar="FILE", help="constrain the output to JSON that validates "
+                   "against this JSON schema file (max tokens are kept for closing it)")
 
 
 def cmd_generate(args):
@@ -102,13 +104,12 @@ def cmd_generate(args):
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
         raise ValueError(f"--kv-cache-mb must be > 0, got {args.kv_cache_mb}")
+    if args.json and args.json_schema:
+        raise ValueError("--json and --json-schema exclude each other; --json-schema already asks for JSON")
+    schema = _read_schema(args.json_schema) if args.json_schema else None  # before the model loads: fail fast
     lm = _load(args, checks.generative)
     engine = _engine(lm, args.compile, args.kv_cache_mb)
-    processors = None
-    if args.json:
-        from llmkit.constraints import json_object
-
-        processors = [json_object(engine)]
+    processors = _json_processors(engine, params, schema) if args.json or schema is not None else None
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": prompt}]
@@ -122,6 +123,33 @@ def cmd_generate(args):
     dt = time.time() - t0
     print(f"[{n} pieces in {dt:.2f} s]", file=sys.stderr)
     return 0
+
+
+def _read_schema(path):
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"--json-schema: {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--json-schema: {path} is not valid JSON: {e}") from None
+
+
+def _json_processors(engine, params, schema=None) -> list:
+    """--json (any JSON object) or --json-schema: one grammar processor (llmkit.grammar) for the decode core."""
+    from llmkit.grammar import json_object_grammar, json_schema_grammar
+
+    if schema is None:
+        proc = json_object_grammar(engine.tok, engine.eos_ids).processor()
+    else:
+        proc = json_schema_grammar(engine.tok, schema, engine.eos_ids).processor()
+    need = proc.closing()
+    if need is not None and len(need) > params.max_new_tokens:
+        raise ValueError(f"--max-new-tokens {params.max_new_tokens} is too small for the shortest JSON this schema "
+                         f"allows ({len(need)} tokens)")
+    return [proc]
 
 
 def add_chat(sub):
@@ -274,7 +302,9 @@ def add_serve(sub):
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, "
                      "/detokenize and /metrics")
-    key.add_argument("--api-key-file", default=None, help="read the API key from this file (keeps it out of ps)")
+    key.add_argument("--api-key-file", default=None, help="API keys, one per line, each optionally followed by "
+                     "rpm=N tpm=N (requests/tokens per minute) and name=LABEL; a file with just a key keeps it "
+                     "out of ps")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
     _kv_flag(p)
@@ -297,17 +327,17 @@ def serve_config(args):
         if name in models:
             raise ValueError(f"model name {name!r} given twice; use NAME=PATH to tell them apart")
         models[name] = path
-    key = args.api_key
     if args.api_key_file:
+        from llmkit.serve_auth import read_key_file
+
         checks.input_file(args.api_key_file, "--api-key-file")
-        key = Path(args.api_key_file).read_text().strip()
-        if not key:
-            raise ValueError(f"{args.api_key_file} is empty; put the API key in it")
+        read_key_file(args.api_key_file)  # a mistake in the file is a one-line error now, not at the first request
     if args.max_batch < 1 or args.max_queue < 0 or args.max_tokens_cap < 1:
         raise ValueError("--max-batch and --max-tokens-cap must be >= 1 and --max-queue >= 0")
     if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
         raise ValueError(f"--kv-cache-mb must be > 0, got {args.kv_cache_mb}")
-    return ServeConfig(models=models, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch,
+    return ServeConfig(models=models, host=args.host, port=args.port, api_key=args.api_key,
+                       api_key_file=args.api_key_file, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, cors_origins=args.cors_origin,
                        dtype=args.dtype, device=_device(args), kv_cache_mb=args.kv_cache_mb)
 
