@@ -36,6 +36,8 @@ def _sampling_flags(p):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--compile", action="store_true", help="compile decode steps with torch.compile: faster "
                    "tokens after a compile at the first step (30-60 s on a 2-core CPU)")
+    p.add_argument("--guard", default=None, metavar="POLICY.yaml", help="check the input and guard the output "
+                   "with this policy (PII, block lists, classifier; see README: Guard)")
 
 
 def _device(args):
@@ -86,21 +88,40 @@ def add_generate(sub):
     p.add_argument("--system", default=None, help="system message (with --chat)")
 
 
+def _guard(args):
+    from llmkit.safety import Guard
+
+    return Guard.from_file(args.guard) if args.guard else None
+
+
 def cmd_generate(args):
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    guard = _guard(args)  # a bad policy fails before the model loads
     lm = _load(args)
     engine, params = _engine(lm, args.compile), _params(args)
-    if args.chat:
-        msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
-               [{"role": "user", "content": prompt}]
-        prompt = lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+    msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+    if guard is not None:
+        from llmkit.safety import check_inputs
+
+        items = msgs if args.chat else [prompt]
+        if check_inputs(guard, items, chat=args.chat) is not None:
+            print(guard.policy.refusal_message)
+            print("[guard: input refused]", file=sys.stderr)
+            return 0
+        prompt = prompt if args.chat else items[0]
+    if args.chat:  # ids, not text: message content is encoded as plain text (no smuggled control tokens)
+        prompt = lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     t0, n = time.time(), 0
-    for piece in engine.stream(prompt, params):
+    sg = guard.stream() if guard is not None else None
+    pieces = engine.stream(prompt, params)
+    for piece in sg.wrap(pieces) if sg else pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
         n += 1
     sys.stdout.write("\n")
     dt = time.time() - t0
+    if sg is not None and sg.blocked:
+        print("[guard: output stopped (content_filter)]", file=sys.stderr)
     print(f"[{n} pieces in {dt:.2f} s]", file=sys.stderr)
     return 0
 
@@ -113,6 +134,7 @@ def add_chat(sub):
 
 
 def cmd_chat(args):
+    guard = _guard(args)
     lm = _load(args)
     engine = _engine(lm, args.compile)
     params = _params(args, default_temperature=0.0 if not sys.stdin.isatty() else 0.7)
@@ -139,9 +161,20 @@ def cmd_chat(args):
             print("[conversation cleared]", file=sys.stderr)
             continue
         history.append({"role": "user", "content": text})
+        if guard is not None:
+            from llmkit.safety import check_inputs
+
+            last = history[-1:]
+            if check_inputs(guard, last, chat=True) is not None:
+                history.pop()
+                print(guard.policy.refusal_message, flush=True)
+                continue
+            history[-1] = last[0]
         reply = []
+        sg = guard.stream() if guard is not None else None
         try:
-            for piece in engine.chat(history, params, stream=True):
+            pieces = engine.chat(history, params, stream=True)
+            for piece in sg.wrap(pieces) if sg else pieces:
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -260,6 +293,8 @@ def add_serve(sub):
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="most new tokens one request may ask for")
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
                    "(repeatable)")
+    p.add_argument("--guard", default=None, metavar="POLICY.yaml", help="check inputs and guard outputs with this "
+                   "policy; refusals end with finish_reason content_filter")
 
 
 def serve_config(args):
@@ -283,9 +318,13 @@ def serve_config(args):
             raise ValueError(f"{args.api_key_file} is empty; put the API key in it")
     if args.max_batch < 1 or args.max_queue < 0 or args.max_tokens_cap < 1:
         raise ValueError("--max-batch and --max-tokens-cap must be >= 1 and --max-queue >= 0")
+    if args.guard:
+        from llmkit.safety import load_policy
+
+        load_policy(args.guard)  # a bad policy is a one-line error before anything loads
     return ServeConfig(models=models, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, cors_origins=args.cors_origin,
-                       dtype=args.dtype, device=_device(args))
+                       dtype=args.dtype, device=_device(args), guard=args.guard)
 
 
 def cmd_serve(args):
@@ -603,7 +642,7 @@ COMMANDS = ["generate", "chat", "info", "convert", "merge", "serve", "tokenizer"
             "finetune", "classify"]
 # commands that live in modules of their own (cli_<area>.py): each module has register(sub), whose parsers set
 # `handler=` with set_defaults; they import heavy libraries inside their handlers, so `llmkit --help` stays fast
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["llmkit.cli_trust"]
 
 
 def build_parser():

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit.engine import Engine, SamplingParams
+from llmkit.safety import RequestGuard, check_inputs, refusal_response
 from llmkit.scheduler import QueueFull, Request as GenRequest, Scheduler
 
 WEB = Path(__file__).parent / "web"
@@ -43,6 +45,7 @@ class ServeConfig:
     cors_origins: list = field(default_factory=list)
     dtype: str | None = None
     device: str = "cpu"
+    guard: str | None = None  # policy YAML (llmkit.safety): inputs checked, outputs guarded while streaming
 
 
 class APIError(Exception):
@@ -190,6 +193,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                     raise ValueError(f"model {name!r} ({lm.path}) has no tokenizer; the server needs one")
                 engine = Engine(lm.model, lm.tokenizer, lm.generation_config)
                 state["models"][name] = Served(name, engine, Scheduler(engine, cfg.max_batch, cfg.max_queue))
+            if cfg.guard:
+                from llmkit.safety import Guard
+
+                state["guard"] = Guard.from_file(cfg.guard)
             state["ready"] = True
         except Exception as e:  # reported by /health and every route, instead of a silent dead server
             state["error"] = f"{type(e).__name__}: {e}"
@@ -266,7 +273,26 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise APIError(400, str(e)) from None
         return reqs, q
 
-    async def events(m: Served, request: Request, reqs, q, poll_disconnect: bool):
+    def guarded(kind: str, fn, *a):
+        """Run a guard step; any failure inside the guard is a 500 for this request alone."""
+        try:
+            return fn(*a)
+        except Exception as e:
+            logging.getLogger("llmkit.server").exception("guard failed on %s", kind)
+            raise APIError(500, f"guard failed on the {kind}: {type(e).__name__}: {e}") from None
+
+    def guard_input(items: list, head: dict, chat: bool, stream: bool):
+        """None, or the refusal to send instead of generating; items (messages or prompts) are redacted in place."""
+        g = state.get("guard")
+        if g is None or guarded("input", check_inputs, g, items, chat) is None:
+            return None
+        body = refusal_response(head, g.policy.refusal_message, chat, stream)
+        if not stream:
+            return body
+        sse = "".join(_sse(c) for c in body) + "data: [DONE]\n\n"
+        return StreamingResponse(iter([sse]), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def events(m: Served, request: Request, reqs, q, poll_disconnect: bool, rg=None):
         left = len(reqs)
         try:
             while left:
@@ -278,9 +304,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                     continue
                 if ev[0] == "error":
                     raise APIError(500, ev[1])
-                if ev[0] == "done":
-                    left -= 1
-                yield i, ev
+                for ev in guarded("output", rg.events, i, ev) if rg is not None else [ev]:
+                    if ev[0] == "done":
+                        left -= 1
+                        if ev[1] == "content_filter":
+                            m.scheduler.cancel([reqs[i]])
+                    yield i, ev
         finally:  # client gone, error or finished: free every row this request still holds
             m.scheduler.cancel([r for r in reqs if r.finish_reason is None])
 
@@ -298,27 +327,33 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object"):
             raise APIError(400, "'response_format' must be {'type': 'text'} or {'type': 'json_object'}",
                            "response_format")
+        stream = _field(body, "stream", bool, False)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "created": created, "model": m.name, "system_fingerprint": "llmkit"}
+        refusal = guard_input(msgs, head, True, stream)
+        if refusal is not None:
+            return refusal
         try:
             ids = m.engine.chat_prompt_ids(msgs)
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         max_new = _max_tokens(body, len(ids), m, cfg.max_tokens_cap, None, 1)
-        stream = _field(body, "stream", bool, False)
         usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
         reqs, q = run(m, [ids], kw, max_new, n, json_mode=fmt["type"] == "json_object")
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": rid, "created": created, "model": m.name, "system_fingerprint": "llmkit"}
+        rg = RequestGuard(state["guard"], len(reqs)) if state.get("guard") else None
+        reason = (lambda i, r: rg.finish_reason(i, r.finish_reason)) if rg else (lambda i, r: r.finish_reason)
+        show_lp = kw["logprobs"] and not (rg and rg.hides_logprobs)
 
         def usage():
             done = sum(len(r.state.token_ids) for r in reqs)
             return {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done}
 
         if not stream:
-            async for _ in events(m, request, reqs, q, poll_disconnect=True):
+            async for _ in events(m, request, reqs, q, poll_disconnect=True, rg=rg):
                 pass
-            choices = [{"index": i, "message": {"role": "assistant", "content": r.state.text},
-                        "logprobs": _chat_logprobs(r.state.logprobs) if kw["logprobs"] else None,
-                        "finish_reason": r.finish_reason} for i, r in enumerate(reqs)]
+            choices = [{"index": i, "message": {"role": "assistant", "content": rg.texts[i] if rg else r.state.text},
+                        "logprobs": _chat_logprobs(r.state.logprobs) if show_lp else None,
+                        "finish_reason": reason(i, r)} for i, r in enumerate(reqs)]
             return {**head, "object": "chat.completion", "choices": choices, "usage": usage()}
 
         async def sse():
@@ -328,16 +363,16 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                   "logprobs": None, "finish_reason": None}]})
             try:
-                async for i, ev in events(m, request, reqs, q, poll_disconnect=False):
+                async for i, ev in events(m, request, reqs, q, poll_disconnect=False, rg=rg):
                     r = reqs[i]
                     lp = None
-                    if kw["logprobs"] and r.state.logprobs is not None:
+                    if show_lp and r.state.logprobs is not None:
                         lp = _chat_logprobs(r.state.logprobs[sent_lp[i]:])
                         sent_lp[i] = len(r.state.logprobs)
                     if ev[0] == "piece":
                         c = {"index": i, "delta": {"content": ev[1]}, "logprobs": lp, "finish_reason": None}
                     else:
-                        c = {"index": i, "delta": {}, "logprobs": lp, "finish_reason": r.finish_reason}
+                        c = {"index": i, "delta": {}, "logprobs": lp, "finish_reason": reason(i, r)}
                     yield _sse({**chunk, "choices": [c]})
             except APIError as e:
                 yield _sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": None}})
@@ -351,6 +386,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def completions(request: Request):
         body = await body_of(request)
         m = model_of(body)
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": m.name}
+        if isinstance(body.get("prompt"), (str, list)) and state.get("guard"):
+            texts = [body["prompt"]] if isinstance(body["prompt"], str) else list(body["prompt"])
+            refusal = guard_input(texts, head, False, _field(body, "stream", bool, False))
+            if refusal is not None:
+                return refusal
+            body["prompt"] = texts if isinstance(body["prompt"], list) else texts[0]
         prompts = _prompts(body, m)
         n = _field(body, "n", int, 1, 1, cfg.max_n)
         top = _field(body, "logprobs", int, None, 0, 20)
@@ -362,8 +405,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if max_new == 0 and stream:
             raise APIError(400, "'max_tokens': 0 needs stream false", "max_tokens")
         reqs, q = run(m, prompts, kw, max_new, n, prompt_logprobs=echo and top is not None)
-        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": created, "model": m.name}
+        rg = RequestGuard(state["guard"], len(reqs)) if state.get("guard") else None
+        reason = (lambda i, r: rg.finish_reason(i, r.finish_reason)) if rg else (lambda i, r: r.finish_reason)
+        if rg and rg.hides_logprobs:
+            top = None
         tok = m.engine.tok
         n_prompt = sum(len(p) for p in prompts)
 
@@ -372,14 +417,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             return {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done}
 
         if not stream:
-            async for _ in events(m, request, reqs, q, poll_disconnect=True):
+            async for _ in events(m, request, reqs, q, poll_disconnect=True, rg=rg):
                 pass
             choices = []
             for i, r in enumerate(reqs):
                 prefix = tok.decode(r.prompt_ids) if echo else ""
                 lp = _completion_logprobs(r, tok, echo, prefix) if top is not None else None
-                choices.append({"index": i, "text": prefix + r.state.text, "logprobs": lp,
-                                "finish_reason": r.finish_reason})
+                choices.append({"index": i, "text": prefix + (rg.texts[i] if rg else r.state.text), "logprobs": lp,
+                                "finish_reason": reason(i, r)})
             return {**head, "choices": choices, "usage": usage()}
 
         async def sse():
@@ -388,11 +433,11 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                     yield _sse({**head, "choices": [{"index": i, "text": tok.decode(r.prompt_ids), "logprobs": None,
                                                      "finish_reason": None}]})
             try:
-                async for i, ev in events(m, request, reqs, q, poll_disconnect=False):
+                async for i, ev in events(m, request, reqs, q, poll_disconnect=False, rg=rg):
                     r = reqs[i]
-                    text, reason = (ev[1], None) if ev[0] == "piece" else ("", r.finish_reason)
+                    text, why = (ev[1], None) if ev[0] == "piece" else ("", reason(i, r))
                     yield _sse({**head, "choices": [{"index": i, "text": text, "logprobs": None,
-                                                     "finish_reason": reason}]})
+                                                     "finish_reason": why}]})
             except APIError as e:
                 yield _sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": None}})
             if (body.get("stream_options") or {}).get("include_usage"):
@@ -445,7 +490,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.get("/metrics")
     async def metrics(request: Request):
         check_key(request)
-        return PlainTextResponse(_prometheus(state["models"], stats), media_type="text/plain; version=0.0.4")
+        text = _prometheus(state["models"], stats)
+        if state.get("guard") is not None:
+            text += "\n".join(state["guard"].metrics_lines()) + "\n"
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def index():
