@@ -67,6 +67,8 @@ def add_clean_flags(c, with_io: bool):
     c.add_argument("--quality", choices=["gopher", "c4", "both", "none"], default="none",
                    help="quality rules to apply (Gopher and/or C4)")
     c.add_argument("--lang", default=None, help="keep only these languages (comma list of ISO 639-1, e.g. en)")
+    c.add_argument("--lang-threshold", type=float, default=0.5, help="keep a document when one of --lang has at "
+                   "least this probability (py3langid, normalised)")
     c.add_argument("--pii", choices=["redact", "mask", "hash", "none"], default="none", help="PII in documents")
 
 
@@ -132,6 +134,7 @@ def clean_config(args):
     return CleanConfig(dedup=dedup, near_threshold=args.near_threshold, shingle=args.shingle, num_perm=args.num_perm,
                        min_chars=args.min_chars, quality=args.quality,
                        langs=[x.strip() for x in args.lang.split(",") if x.strip()] if args.lang else [],
+                       lang_threshold=args.lang_threshold,
                        pii=None if args.pii == "none" else args.pii)
 
 
