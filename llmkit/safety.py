@@ -545,7 +545,7 @@ def _load_classifier(folder: str):
     if not n or lm.tokenizer is None:
         raise ValueError(f"{folder} is not a classifier (no classification head); give a folder written by "
                          "`llmkit finetune --task classify`")
-    names = [lm.config.id2label.get(str(i), str(i)) for i in range(n)]
+    names = [(lm.config.id2label or {}).get(str(i), str(i)) for i in range(n)]
     return lm.model.eval(), lm.tokenizer, names
 
 

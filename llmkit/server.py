@@ -502,7 +502,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.get("/web/{name}")
     async def web_file(name: str):
         path = WEB / name
-        if name not in ("app.js", "style.css") or not path.exists():
+        if name not in ("app.js", "style.css", "tokens.js") or not path.exists():
             raise APIError(404, f"no such file: /web/{name}")
         return FileResponse(path)
 
