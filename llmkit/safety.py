@@ -52,7 +52,10 @@ IBAN = re.compile(r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![\w])")
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
 IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
 SSN = re.compile(r"(?<![\w-])(\d{3})([- ])(\d{2})\2(\d{4})(?![\w-])")
-PHONE = re.compile(r"(?<![\w+#/.-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d(?:[ .-]?\d){5,14}(?![\w/-]|\.\d)")
+# a maximal run of digit groups: never part of a longer number (a card, an IBAN's BBAN)
+PHONE = re.compile(r"(?<![\w+#/.-])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d(?:[ .-]?\d){5,14}"
+                   r"(?![\w/-]|[ .]\d)")
+IBAN_HEAD = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4})* ?[A-Z0-9]{0,4} $")
 PHONE_CONTEXT = re.compile(r"(?i)\b(?:phone|tel|telephone|call|mobile|cell|fax|whatsapp|sms|text me|ring)\b")
 
 # IBAN lengths per country (SWIFT IBAN registry)
@@ -95,8 +98,8 @@ def card_brand(digits: str) -> str | None:
         return "diners"
     if p2 == 62 and 16 <= n <= 19:
         return "unionpay"
-    if (p2 in (50, 56, 57, 58) or digits[:2] in ("67", "63")) and 12 <= n <= 19:
-        return "maestro"
+    if (p2 in (50, 56, 57, 58) or digits[:2] in ("67", "63")) and 16 <= n <= 19:
+        return "maestro"  # the spec allows 12-19 digits; shorter ones collide with EAN-13 barcodes
     return None
 
 
@@ -174,7 +177,15 @@ def find_pii(text: str, types=PII_TYPES, terms=None, phone_regions=("US", "GB", 
             if any(a < m.end() and m.start() < b for a, b in taken):
                 continue  # a card, IBAN or SSN is not also a phone number
             # national numbers need phone-like grouping (3+ groups or an area code in brackets) or a phone word
-            formatted = s.startswith("+") or "(" in s or len(re.findall(r"\d+", s)) >= 3
+            groups = re.findall(r"\d+", s)
+            digits = sum(map(len, groups))
+            if not s.startswith("+") and (digits > 12 or any(len(g) == 1 for g in groups[1:])
+                                          or len(groups) == 2 and len(groups[1]) < 4):
+                continue  # national numbers: at most 12 digits (cards have 13-19), no 1-digit groups (versions)
+            if IBAN_HEAD.search(text, max(0, m.start() - 40), m.start()):
+                continue  # the digits of an IBAN (a valid one is found above; an invalid one is not a phone)
+            formatted = s.startswith("+") or "(" in s or len(groups) >= 3 or (
+                len(groups) == 2 and groups[0].startswith("0") and 2 <= len(groups[0]) <= 6 and digits >= 9)
             context = bool(PHONE_CONTEXT.search(text, max(0, m.start() - 40), m.start()))
             if re.fullmatch(r"\d{4}([-./])\d{2}\1\d{2}|\d{3}-\d{2}-\d{4}", s) or not (formatted or context):
                 continue  # ISO dates and SSN shapes; bare digit runs only next to a word such as "phone"
