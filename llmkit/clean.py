@@ -299,8 +299,9 @@ def clean_texts(texts, cfg: CleanConfig | None = None) -> tuple[list[str], dict]
 
 
 def clean_files(inputs, out, cfg: CleanConfig, text_field: str = "text", unit: str = "line",
-                report_path=None, progress: bool = True) -> dict:
-    """Stream documents from inputs through the Cleaner into out (.txt or .jsonl), written atomically."""
+                report_path=None, progress: bool = True, cleaner: Cleaner | None = None) -> dict:
+    """Stream documents from inputs through the Cleaner into out (.txt, or .jsonl with the text under text_field),
+    written atomically; pass a cleaner to share its duplicate memory across calls."""
     import json
 
     from tqdm import tqdm
@@ -318,7 +319,8 @@ def clean_files(inputs, out, cfg: CleanConfig, text_field: str = "text", unit: s
             raise ValueError(f"{p} is empty")
         if p.resolve() == out.resolve():
             raise ValueError(f"--out {out} is also an input")
-    cleaner = Cleaner(cfg)
+    cleaner = cleaner or Cleaner(cfg)
+    n0 = cleaner.n_in
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -335,10 +337,10 @@ def clean_files(inputs, out, cfg: CleanConfig, text_field: str = "text", unit: s
                     if kept is None:
                         continue
                     if jsonl:
-                        f.write(json.dumps({"text": kept}, ensure_ascii=False) + "\n")
+                        f.write(json.dumps({text_field: kept}, ensure_ascii=False) + "\n")
                     else:  # one document per line: newlines inside a document become spaces
                         f.write((kept.replace("\n", " ") if unit == "line" else kept) + sep)
-        if cleaner.n_in == 0:
+        if cleaner.n_in == n0:
             raise ValueError(f"no documents in {', '.join(map(str, inputs))}")
         os.replace(tmp, out)
     except BaseException:
@@ -354,3 +356,20 @@ def clean_files(inputs, out, cfg: CleanConfig, text_field: str = "text", unit: s
 
         write_results(report_path, report)
     return report
+
+
+def clean_for_training(files, out_dir, cfg: CleanConfig, text_field: str = "text", unit: str = "doc") -> list[str]:
+    """Clean training files before use (pretrain --clean): one cleaned file per input in OUT/clean/ (duplicates
+    found across all of them), with a report per file; returns the new paths. unit: .txt documents are blank-line
+    separated blocks ("doc") or lines ("line")."""
+    folder = Path(out_dir) / "clean"
+    cleaner, paths = Cleaner(cfg), []
+    for f in files:
+        f = Path(f)
+        dst = folder / (f.stem + (".txt" if f.suffix.lower() == ".txt" else ".jsonl"))
+        rep = clean_files([f], dst, cfg, text_field=text_field, unit=unit, report_path=folder / f"{f.stem}.report.json",
+                          cleaner=cleaner)
+        print(f"[clean] {f}: kept {rep['documents_out']} of {rep['documents_in']} documents so far -> {dst}",
+              file=__import__("sys").stderr)
+        paths.append(str(dst))
+    return paths

@@ -402,13 +402,26 @@ def add_pretrain(sub):
     a("--fsdp", action="store_true", default=None, help="shard with FSDP2 (under torchrun) instead of DDP")
     a("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    a("--clean", action="store_true", help="clean --data first with `llmkit data clean`'s pipeline (its flags "
+      "below; cleaned files and reports go to OUT/clean/)")
+    from llmkit.cli_trust import CLEAN_FLAGS, add_clean_flags
+
+    add_clean_flags(p.add_argument_group("cleaning (with --clean)"), with_io=False)
+    p.set_defaults(clean_flags=CLEAN_FLAGS)
 
 
 def cmd_pretrain(args):
     from llmkit.pretrain import config_from_flags, pretrain
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
-    pretrain(config_from_flags(flags))
+    skip = {"command", "handler", "clean", "clean_flags", *args.clean_flags}
+    pc = config_from_flags({k: v for k, v in vars(args).items() if k not in skip})
+    if args.clean:
+        from llmkit.clean import clean_for_training
+        from llmkit.cli_trust import clean_config
+
+        pc.data = clean_for_training(pc.data, pc.out, clean_config(args), text_field=pc.text_field,
+                                     unit="line" if pc.lines else "doc")
+    pretrain(pc)
 
 
 # ---------------------------------------------------------------------------------------------------------------

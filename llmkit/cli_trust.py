@@ -50,6 +50,9 @@ def register(sub):
     c.set_defaults(handler=cmd_data_clean)
 
 
+CLEAN_FLAGS = ("dedup", "near_threshold", "shingle", "num_perm", "min_chars", "quality", "lang", "lang_threshold", "pii")
+
+
 def add_clean_flags(c, with_io: bool):
     """The cleaning flags, shared by `data clean` and pretrain/finetune --clean."""
     if with_io:

@@ -133,3 +133,19 @@ def test_cli_bad_input_is_one_line_and_leaves_no_output(tmp_path, content, needl
     r = llmkit("data", "clean", str(DATA / "wikitext2_test_excerpt.txt"), "--out", str(tmp_path / "o.txt"),
                "--near-threshold", "1.5")
     assert r.returncode == 2 and "--near-threshold" in r.stderr
+
+
+def test_pretrain_clean_flag_cleans_the_data_first(tmp_path):
+    from llmkit.cli import main
+
+    text = DATA.joinpath("tinyshakespeare_head.txt").read_text()
+    data = tmp_path / "shakes.txt"
+    data.write_text(text + "\n" + text)  # the second copy is all duplicates
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--data", str(data), "--out", str(out), "--char", "--block-size", "32", "--batch-size", "8",
+               "--max-steps", "2", "--eval-steps", "1", "--no-progress", "--n-layer", "1", "--clean",
+               "--dedup", "exact"])
+    assert rc == 0
+    rep = json.loads((out / "clean" / "shakes.report.json").read_text())
+    assert rep["removed"]["exact_duplicate"] > 0 and (out / "clean" / "shakes.txt").stat().st_size <= len(text) + 2  # one copy left
+    assert (out / "config.json").exists()
