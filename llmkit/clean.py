@@ -373,3 +373,54 @@ def clean_for_training(files, out_dir, cfg: CleanConfig, text_field: str = "text
               file=__import__("sys").stderr)
         paths.append(str(dst))
     return paths
+
+
+def _leaves(x, path=()):
+    """(path, string) for every string inside nested dicts/lists (a record's texts)."""
+    if isinstance(x, str):
+        yield path, x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _leaves(v, path + (i,))
+
+
+def _put(x, path, value):
+    for k in path[:-1]:
+        x = x[k]
+    x[path[-1]] = value
+
+
+def clean_records(records: list[dict], cfg: CleanConfig) -> tuple[list[dict], dict]:
+    """Clean fine-tuning records (chat messages, instruction/output, text/label): every string field normalised,
+    the record's texts joined for the filters and duplicate checks, PII redacted field by field. Labels and roles
+    (short strings) are left alone."""
+    import copy
+
+    keep_keys = {"role", "label", "labels", "class", "category", "sentiment", "name", "type"}
+    c = Cleaner(CleanConfig(**{**asdict(cfg), "pii": None}))  # decide on the joined text, redact per field below
+    guard = Cleaner(CleanConfig(dedup=[], pii=cfg.pii)).guard if cfg.pii else None
+    out = []
+    for rec in records:
+        rec = copy.deepcopy(rec)
+        fields = [(p, v) for p, v in _leaves(rec) if not (p and p[-1] in keep_keys)]
+        if cfg.normalize:
+            for p, v in fields:
+                _put(rec, p, normalize_text(v))
+            fields = [(p, normalize_text(v)) for p, v in fields]
+        joined = "\n".join(v for _, v in fields)
+        if c(joined) is None:
+            continue
+        if guard is not None:
+            for p, v in fields:
+                found = guard.scan(v, classify=False)
+                if found:
+                    c.pii.update(f.type for f in found)
+                    c.modified["pii_redacted"] += 1
+                    _put(rec, p, guard.redact(v, found))
+        out.append(rec)
+    report = c.report()
+    report["config"]["pii"] = cfg.pii
+    return out, report

@@ -589,9 +589,18 @@ def add_finetune(sub):
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     a("--seed", type=int, default=0, help="random seed")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a("--clean", action="store_true", help="clean --data first with `llmkit data clean`'s pipeline (flags below; "
+      "the cleaned file and its report go to OUT/clean/)")
+    from llmkit.cli_trust import add_clean_flags
+
+    add_clean_flags(p.add_argument_group("cleaning (with --clean)"), with_io=False)
 
 
 def cmd_finetune(args):
+    if args.clean:
+        from llmkit.cli_trust import clean_finetune_data
+
+        args.data = clean_finetune_data(args)
     from llmkit.finetune import FinetuneConfig, finetune
     from llmkit.train import TrainConfig
 

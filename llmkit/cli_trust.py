@@ -190,3 +190,26 @@ def cmd_explain(args):
     for f in written:
         print(f"wrote {f}", file=sys.stderr)
     return 0
+
+
+def clean_finetune_data(args) -> str:
+    """finetune --clean: the cleaned copy of --data in OUT/clean/ (JSONL records, or .txt), with a report."""
+    from llmkit.clean import clean_for_training, clean_records
+    from llmkit.evaluate import write_results
+    from llmkit.finetune import read_records
+    from llmkit.tokenizer import write_atomic
+
+    cfg = clean_config(args)
+    data, kind = read_records(args.data)
+    folder = Path(args.out) / "clean"
+    if kind == "text":
+        return clean_for_training([args.data], args.out, cfg)[0]
+    kept, report = clean_records(data, cfg)
+    if not kept:
+        raise ValueError(f"cleaning removed every record of {args.data}: {report['removed']}")
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / (Path(args.data).stem + ".jsonl")
+    write_atomic(dst, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    write_results(folder / f"{Path(args.data).stem}.report.json", {"input": str(args.data), **report})
+    print(f"[clean] {args.data}: kept {len(kept)} of {len(data)} records -> {dst}", file=sys.stderr)
+    return str(dst)

@@ -149,3 +149,23 @@ def test_pretrain_clean_flag_cleans_the_data_first(tmp_path):
     rep = json.loads((out / "clean" / "shakes.report.json").read_text())
     assert rep["removed"]["exact_duplicate"] > 0 and (out / "clean" / "shakes.txt").stat().st_size <= len(text) + 2  # one copy left
     assert (out / "config.json").exists()
+
+
+def test_finetune_clean_flag_cleans_chat_records(tmp_path):
+    from llmkit.cli import build_parser
+    from llmkit.cli_trust import clean_finetune_data
+
+    recs = [{"messages": [{"role": "user", "content": "My mail is bob@example.com"},
+                          {"role": "assistant", "content": "Noted,   thanks."}]}] * 2
+    recs.append({"messages": [{"role": "user", "content": "ｈｉ"}, {"role": "assistant", "content": "Hello!"}]})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in recs))
+    args = build_parser().parse_args(["finetune", "--data", str(data), "--out", str(tmp_path / "ft"), "--clean",
+                                      "--pii", "redact"])
+    path = clean_finetune_data(args)
+    kept = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    assert kept == [{"messages": [{"role": "user", "content": "My mail is [EMAIL]"},
+                                  {"role": "assistant", "content": "Noted, thanks."}]},
+                    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]}]
+    rep = json.loads((tmp_path / "ft" / "clean" / "chat.report.json").read_text())
+    assert rep["removed"] == {"exact_duplicate": 1} and rep["pii"] == {"email": 1}
