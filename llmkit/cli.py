@@ -38,6 +38,8 @@ def _sampling_flags(p):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--compile", action="store_true", help="compile decode steps with torch.compile: faster "
                    "tokens after a compile at the first step (30-60 s on a 2-core CPU)")
+    p.add_argument("--guard", default=None, metavar="POLICY.yaml", help="check the input and guard the output "
+                   "with this policy (PII, block lists, classifier; see README: Guard)")
     _kv_flag(p)
 
 
@@ -99,6 +101,12 @@ def add_generate(sub):
                    "against this JSON schema file (max tokens are kept for closing it)")
 
 
+def _guard(args):
+    from llmkit.safety import Guard
+
+    return Guard.from_file(args.guard) if args.guard else None
+
+
 def cmd_generate(args):
     params = _params(args)  # bad sampling flags fail before the model loads
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -107,20 +115,33 @@ def cmd_generate(args):
     if args.json and args.json_schema:
         raise ValueError("--json and --json-schema exclude each other; --json-schema already asks for JSON")
     schema = _read_schema(args.json_schema) if args.json_schema else None  # before the model loads: fail fast
+    guard = _guard(args)  # a bad policy fails before the model loads
     lm = _load(args, checks.generative)
     engine = _engine(lm, args.compile, args.kv_cache_mb)
     processors = _json_processors(engine, params, schema) if args.json or schema is not None else None
-    if args.chat:
-        msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
-               [{"role": "user", "content": prompt}]
-        prompt = lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+    msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+    if guard is not None:
+        from llmkit.safety import check_inputs
+
+        items = msgs if args.chat else [prompt]
+        if check_inputs(guard, items, chat=args.chat) is not None:
+            print(guard.policy.refusal_message)
+            print("[guard: input refused]", file=sys.stderr)
+            return 0
+        prompt = prompt if args.chat else items[0]
+    if args.chat:  # ids, not text: message content is encoded as plain text (no smuggled control tokens)
+        prompt = lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     t0, n = time.time(), 0
-    for piece in engine.stream(prompt, params, processors):
+    sg = guard.stream() if guard is not None else None
+    pieces = engine.stream(prompt, params, processors)
+    for piece in sg.wrap(pieces) if sg else pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
         n += 1
     sys.stdout.write("\n")
     dt = time.time() - t0
+    if sg is not None and sg.blocked:
+        print("[guard: output stopped (content_filter)]", file=sys.stderr)
     print(f"[{n} pieces in {dt:.2f} s]", file=sys.stderr)
     return 0
 
@@ -160,6 +181,7 @@ def add_chat(sub):
 
 
 def cmd_chat(args):
+    guard = _guard(args)
     params = _params(args, default_temperature=0.0 if not sys.stdin.isatty() else 0.7)
     lm = _load(args, checks.generative)
     engine = _engine(lm, args.compile, args.kv_cache_mb)
@@ -186,9 +208,20 @@ def cmd_chat(args):
             print("[conversation cleared]", file=sys.stderr)
             continue
         history.append({"role": "user", "content": text})
+        if guard is not None:
+            from llmkit.safety import check_inputs
+
+            last = history[-1:]
+            if check_inputs(guard, last, chat=True) is not None:
+                history.pop()
+                print(guard.policy.refusal_message, flush=True)
+                continue
+            history[-1] = last[0]
         reply = []
+        sg = guard.stream() if guard is not None else None
         try:
-            for piece in engine.chat(history, params, stream=True):
+            pieces = engine.chat(history, params, stream=True)
+            for piece in sg.wrap(pieces) if sg else pieces:
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -311,6 +344,8 @@ def add_serve(sub):
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="most new tokens one request may ask for")
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
                    "(repeatable)")
+    p.add_argument("--guard", default=None, metavar="POLICY.yaml", help="check inputs and guard outputs with this "
+                   "policy; refusals end with finish_reason content_filter")
 
 
 def serve_config(args):
@@ -336,10 +371,14 @@ def serve_config(args):
         raise ValueError("--max-batch and --max-tokens-cap must be >= 1 and --max-queue >= 0")
     if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
         raise ValueError(f"--kv-cache-mb must be > 0, got {args.kv_cache_mb}")
+    if args.guard:
+        from llmkit.safety import load_policy
+
+        load_policy(args.guard)  # a bad policy is a one-line error before anything loads
     return ServeConfig(models=models, host=args.host, port=args.port, api_key=args.api_key,
                        api_key_file=args.api_key_file, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, cors_origins=args.cors_origin,
-                       dtype=args.dtype, device=_device(args), kv_cache_mb=args.kv_cache_mb)
+                       dtype=args.dtype, device=_device(args), kv_cache_mb=args.kv_cache_mb, guard=args.guard)
 
 
 def cmd_serve(args):
@@ -447,14 +486,27 @@ def add_pretrain(sub):
     a("--fsdp", action="store_true", default=None, help="shard with FSDP2 (under torchrun) instead of DDP")
     a("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    a("--clean", action="store_true", help="clean --data first with `llmkit data clean`'s pipeline (its flags "
+      "below; cleaned files and reports go to OUT/clean/)")
+    from llmkit.cli_trust import CLEAN_FLAGS, add_clean_flags
+
+    add_clean_flags(p.add_argument_group("cleaning (with --clean)"), with_io=False)
+    p.set_defaults(clean_flags=CLEAN_FLAGS)
 
 
 def cmd_pretrain(args):
     from llmkit.pretrain import config_from_flags, pretrain
 
     checks.device(args.device)
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
-    pretrain(config_from_flags(flags))
+    skip = {"command", "handler", "clean", "clean_flags", *args.clean_flags}
+    pc = config_from_flags({k: v for k, v in vars(args).items() if k not in skip})
+    if args.clean:
+        from llmkit.clean import clean_for_training
+        from llmkit.cli_trust import clean_config
+
+        pc.data = clean_for_training(pc.data, pc.out, clean_config(args), text_field=pc.text_field,
+                                     unit="line" if pc.lines else "doc")
+    pretrain(pc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -639,9 +691,18 @@ def add_finetune(sub):
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     a("--seed", type=int, default=0, help="random seed")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a("--clean", action="store_true", help="clean --data first with `llmkit data clean`'s pipeline (flags below; "
+      "the cleaned file and its report go to OUT/clean/)")
+    from llmkit.cli_trust import add_clean_flags
+
+    add_clean_flags(p.add_argument_group("cleaning (with --clean)"), with_io=False)
 
 
 def cmd_finetune(args):
+    if args.clean:
+        from llmkit.cli_trust import clean_finetune_data
+
+        args.data = clean_finetune_data(args)
     from llmkit.finetune import FinetuneConfig, finetune
     from llmkit.train import TrainConfig
 
@@ -724,7 +785,7 @@ COMMANDS = ["generate", "chat", "info", "convert", "merge", "serve", "tokenizer"
             "finetune", "classify"]
 # commands that live in modules of their own (cli_<area>.py): each module has register(sub), whose parsers set
 # `handler=` with set_defaults; they import heavy libraries inside their handlers, so `llmkit --help` stays fast
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["llmkit.cli_trust"]
 
 
 def build_parser():

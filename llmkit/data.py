@@ -99,6 +99,78 @@ def read_texts(path, text_field: str = "text", lines: bool = False) -> list[str]
     return out
 
 
+def iter_documents(path, text_field: str = "text", unit: str = "line"):
+    """Stream the documents of a file without reading it whole: .txt one per line (unit="line") or per blank-line
+    separated block (unit="doc"), .jsonl records, .csv/.tsv rows, .parquet row groups (.json arrays are read whole).
+    Strict UTF-8: a bad byte raises ValueError naming the file and line."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"unsupported data file {path}: use one of {', '.join(FORMATS)}")
+    if not p.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{path} is empty")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(p)
+        if text_field not in f.schema_arrow.names:
+            raise ValueError(f"{path} has no column {text_field!r} (columns: {f.schema_arrow.names}); pass --text-field")
+        for batch in f.iter_batches(columns=[text_field], batch_size=4096):
+            yield from (t for t in batch.column(0).to_pylist() if t)
+        return
+    if suffix == ".json":
+        yield from read_texts(p, text_field)
+        return
+    with open(p, encoding="utf-8", newline="") as f:
+        lines = _strict_lines(f, path)
+        if suffix in (".csv", ".tsv"):
+            for row in csv.DictReader(lines, delimiter="\t" if suffix == ".tsv" else ","):
+                if text_field not in row:
+                    raise ValueError(f"{path} has no column {text_field!r} (columns: {list(row)}); pass --text-field")
+                if row[text_field]:
+                    yield row[text_field]
+        elif suffix == ".jsonl":
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(r, dict) or text_field not in r:
+                    raise ValueError(f"{path}:{n}: record has no {text_field!r} field; pass --text-field")
+                if r[text_field]:
+                    yield str(r[text_field])
+        elif unit == "line":
+            yield from (line.rstrip("\r\n") for line in lines)
+        else:
+            block = []
+            for line in lines:
+                if line.strip():
+                    block.append(line)
+                elif block:
+                    yield "".join(block).rstrip("\r\n")
+                    block = []
+            if block:
+                yield "".join(block).rstrip("\r\n")
+
+
+def _strict_lines(f, path):
+    try:
+        yield from f
+    except UnicodeDecodeError:
+        with open(path, "rb") as raw:  # decoding runs in chunks: find the line again, byte by byte
+            for n, line in enumerate(raw, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not UTF-8 text (invalid byte 0x{line[e.start]:02x} at column "
+                                     f"{e.start + 1})") from None
+        raise ValueError(f"{path}: not UTF-8 text") from None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # tokenizing (once, cached)
 

@@ -188,11 +188,16 @@ class Attention(nn.Module):
         is_causal = mask is None and cfg.causal and T > 1
         if mask is True:  # the caller has checked that no masking is needed (decode step without padding)
             mask, is_causal = None, False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=cfg.attn_dropout if self.training else 0.0,
-            enable_gqa=cfg.n_kv_head != cfg.n_head,
-        )
+        store = getattr(self, "weights_store", None)  # set by capture_attention(): the math path, weights kept
+        if store is not None:
+            y, w = attention_math(q, k, v, mask, is_causal)
+            store.append(w)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=cfg.attn_dropout if self.training else 0.0,
+                enable_gqa=cfg.n_kv_head != cfg.n_head,
+            )
         return _linear(self.o_proj, y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
 
     @staticmethod
@@ -206,6 +211,37 @@ class Attention(nn.Module):
             kc[rows, :, start] = k.transpose(1, 2)  # start: (B, T) slot indices
             vc[rows, :, start] = v.transpose(1, 2)
         return kc[:, :, :end], vc[:, :, :end]
+
+
+def attention_math(q, k, v, mask=None, is_causal=False):
+    """SDPA's result in plain ops (no dropout), plus the attention weights (B, H, Tq, Tk); keys/values may have
+    fewer heads (GQA). mask: bool (True = may attend) or additive float, as SDPA takes it."""
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+    if H != Hkv:
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(D)
+    if is_causal:  # top-left aligned, as SDPA's is_causal
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None and mask is not True:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    w = scores.softmax(-1)
+    return (w @ v.float()).to(q.dtype), w
+
+
+@contextmanager
+def capture_attention(model):
+    """Within the block, every layer's attention runs the math path and appends its weights (B, H, Tq, Tk) to the
+    yielded list, one entry per layer per forward."""
+    maps: list = []
+    attns = [layer.self_attn for layer in model.layers]
+    for a in attns:
+        a.weights_store = maps
+    try:
+        yield maps
+    finally:
+        for a in attns:
+            a.weights_store = None
 
 
 class MLP(nn.Module):

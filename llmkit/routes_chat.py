@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 
@@ -16,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from llmkit import tools as toolcalls
 from llmkit.api_models import ChatRequest, CompletionRequest, Sampling
 from llmkit.engine import SamplingParams
+from llmkit.safety import RequestGuard, check_inputs, refusal_response
 from llmkit.scheduler import QueueFull, Request as GenRequest
 from llmkit.serve_constraints import Constraint, build_constraint
 from llmkit.serve_state import APIError, Served, authorize, error_body, state_of
@@ -94,8 +96,36 @@ def submit(m: Served, prompts: list[list[int]], kw: dict, max_new: int, n: int, 
     return reqs, q
 
 
-async def events(request: Request, m: Served, reqs, q, key, n_prompt: int, poll_disconnect: bool):
-    """(row index, event) until every row is done; frees the rows of a client that left, counts the key's tokens."""
+def guarded(kind: str, fn, *a):
+    """Run a guard step; any failure inside the guard is a 500 for this request alone (logged)."""
+    try:
+        return fn(*a)
+    except Exception as e:
+        logging.getLogger("llmkit.server").exception("guard failed on the %s", kind)
+        raise APIError(500, f"guard failed on the {kind}: {type(e).__name__}: {e}") from None
+
+
+def guard_input(st, items: list, head: dict, chat: bool, stream: bool):
+    """None, or the refusal to answer instead of generating (llmkit.safety); items are redacted in place."""
+    g = st.guard
+    if g is None or guarded("input", check_inputs, g, items, chat) is None:
+        return None
+    body = refusal_response(head, g.policy.refusal_message, chat, stream)
+    if not stream:
+        return body
+    text = "".join(sse(c) for c in body) + "data: [DONE]\n\n"
+    return StreamingResponse(iter([text]), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def output_guard(st, n: int):
+    """The request's output guard (one stream per row), or None without a policy."""
+    return RequestGuard(st.guard, n) if st.guard is not None else None
+
+
+async def events(request: Request, m: Served, reqs, q, key, n_prompt: int, poll_disconnect: bool, rg=None):
+    """(row index, event) until every row is done; frees the rows of a client that left, counts the key's tokens.
+
+    rg (safety.RequestGuard): pieces pass through the output guard; a stream it stops ends with content_filter."""
     left = len(reqs)
     try:
         while left:
@@ -107,9 +137,12 @@ async def events(request: Request, m: Served, reqs, q, key, n_prompt: int, poll_
                 continue
             if ev[0] == "error":
                 raise APIError(500, ev[1])
-            if ev[0] == "done":
-                left -= 1
-            yield i, ev
+            for ev in guarded("output", rg.events, i, ev) if rg is not None else [ev]:
+                if ev[0] == "done":
+                    left -= 1
+                    if ev[1] == "content_filter":
+                        m.scheduler.cancel([reqs[i]])
+                yield i, ev
     finally:  # client gone, error or finished: free every row this request still holds
         m.scheduler.cancel([r for r in reqs if r.finish_reason is None])
         st = state_of(request)
@@ -145,12 +178,17 @@ def stream_response(gen) -> StreamingResponse:
 # Chat
 
 
-def chat_prompt(m: Served, req: ChatRequest) -> list[int]:
-    """Token ids of the conversation (tools rendered natively or in the generic format); runs in a worker thread."""
-    msgs = [{"role": "system" if x.role == "developer" else x.role, "content": x.text(),
+def chat_messages(req: ChatRequest) -> list[dict]:
+    """The request's messages as the chat template reads them."""
+    return [{"role": "system" if x.role == "developer" else x.role, "content": x.text(),
              **({"name": x.name} if x.name else {}),
              **({"tool_calls": [c.model_dump() for c in x.tool_calls]} if x.tool_calls else {}),
              **({"tool_call_id": x.tool_call_id} if x.tool_call_id else {})} for x in req.messages]
+
+
+def chat_prompt(m: Served, req: ChatRequest, msgs: list[dict] | None = None) -> list[int]:
+    """Token ids of the conversation (tools rendered natively or in the generic format); runs in a worker thread."""
+    msgs = chat_messages(req) if msgs is None else msgs
     tok = m.engine.tok
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.uses_tools() else None
     msgs, extra = toolcalls.render_messages(msgs, tools, toolcalls.template_supports_tools(tok))
@@ -162,14 +200,15 @@ def chat_prompt(m: Served, req: ChatRequest) -> list[int]:
         raise APIError(400, str(e), "messages") from None
 
 
-def chat_choice(i: int, r, req: ChatRequest, want_lp: bool) -> dict:
-    text, calls = r.state.text, []
+def chat_choice(i: int, r, req: ChatRequest, want_lp: bool, rg=None) -> dict:
+    text, calls = (rg.texts[i] if rg is not None else r.state.text), []
     if req.uses_tools():
         text, calls = toolcalls.parse_calls(text)
     msg = {"role": "assistant", "content": text}
     if calls:
         msg["tool_calls"] = calls
-    reason = "tool_calls" if calls and r.finish_reason == "stop" else r.finish_reason
+    reason = r.finish_reason if rg is None else rg.finish_reason(i, r.finish_reason)
+    reason = "tool_calls" if calls and reason == "stop" else reason
     return {"index": i, "message": msg, "logprobs": chat_logprobs(r.state.logprobs) if want_lp else None,
             "finish_reason": reason}
 
@@ -180,24 +219,30 @@ async def chat_completions(req: ChatRequest, request: Request, key=Depends(autho
     m = st.model(req.model)
     if req.n > st.cfg.max_n:
         raise APIError(400, f"'n' must be at most {st.cfg.max_n}, got {req.n}", "n")
-    ids = await run_in_threadpool(chat_prompt, m, req)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": m.name,
+            "system_fingerprint": "llmkit"}
+    msgs = chat_messages(req)
+    refusal = await run_in_threadpool(guard_input, st, msgs, head, True, req.stream)
+    if refusal is not None:
+        return refusal
+    ids = await run_in_threadpool(chat_prompt, m, req, msgs)
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_new = max_new_tokens(req.new_tokens(), name, len(ids), m, st.cfg.max_tokens_cap, None, 1)
     constraint = await run_in_threadpool(build_constraint, m, req, max_new)
     procs = await run_in_threadpool(row_processors, constraint, req.n)
     kw = sampling_kwargs(req, req.logprobs, req.top_logprobs or 0)
     reqs, q = submit(m, [ids], kw, max_new, req.n, procs)
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": m.name,
-            "system_fingerprint": "llmkit"}
+    rg = output_guard(st, len(reqs))
+    want_lp = req.logprobs and not (rg is not None and rg.hides_logprobs)
     if not req.stream:
-        async for _ in events(request, m, reqs, q, key, len(ids), poll_disconnect=True):
+        async for _ in events(request, m, reqs, q, key, len(ids), poll_disconnect=True, rg=rg):
             pass
-        choices = [chat_choice(i, r, req, req.logprobs) for i, r in enumerate(reqs)]
+        choices = [chat_choice(i, r, req, want_lp, rg) for i, r in enumerate(reqs)]
         return {**head, "object": "chat.completion", "choices": choices, "usage": usage(reqs, len(ids))}
-    return stream_response(chat_stream(request, m, req, reqs, q, key, ids, head))
+    return stream_response(chat_stream(request, m, req, reqs, q, key, ids, head, rg, want_lp))
 
 
-async def chat_stream(request, m, req: ChatRequest, reqs, q, key, ids, head):
+async def chat_stream(request, m, req: ChatRequest, reqs, q, key, ids, head, rg=None, want_lp=False):
     chunk = {**head, "object": "chat.completion.chunk"}
     sent_lp = [0] * len(reqs)
     calls = [toolcalls.CallStream() if req.uses_tools() else None for _ in reqs]
@@ -207,9 +252,9 @@ async def chat_stream(request, m, req: ChatRequest, reqs, q, key, ids, head):
 
     for i in range(len(reqs)):
         yield out(i, {"role": "assistant", "content": ""})
-    async for i, ev in events(request, m, reqs, q, key, len(ids), poll_disconnect=False):
+    async for i, ev in events(request, m, reqs, q, key, len(ids), poll_disconnect=False, rg=rg):
         r, lp = reqs[i], None
-        if req.logprobs and r.state.logprobs is not None:
+        if want_lp and r.state.logprobs is not None:
             lp = chat_logprobs(r.state.logprobs[sent_lp[i]:])
             sent_lp[i] = len(r.state.logprobs)
         if ev[0] == "piece":
@@ -220,7 +265,7 @@ async def chat_stream(request, m, req: ChatRequest, reqs, q, key, ids, head):
         tail = calls[i].finish() if calls[i] else []
         for d in tail:
             yield out(i, d)
-        reason = r.finish_reason
+        reason = r.finish_reason if rg is None else rg.finish_reason(i, r.finish_reason)
         if calls[i] and calls[i].n and reason == "stop":
             reason = "tool_calls"
         yield out(i, {}, lp, reason)
@@ -241,9 +286,10 @@ def chat_logprobs(entries) -> dict:
 # Completions
 
 
-def completion_prompts(m: Served, req: CompletionRequest) -> list[list[int]]:
+def completion_prompts(m: Served, req: CompletionRequest, texts: list | None = None) -> list[list[int]]:
     vocab = m.engine.config.vocab_size
-    out = [m.engine.tok.encode(x) if isinstance(x, str) else list(x) for x in req.prompts()]
+    texts = req.prompts() if texts is None else texts
+    out = [m.engine.tok.encode(x) if isinstance(x, str) else list(x) for x in texts]
     if any(not ids or max(ids) >= vocab for ids in out):
         raise APIError(400, f"every prompt needs at least one token, with ids in [0, {vocab})", "prompt")
     return out
@@ -255,7 +301,14 @@ async def completions(req: CompletionRequest, request: Request, key=Depends(auth
     m = st.model(req.model)
     if req.n > st.cfg.max_n:
         raise APIError(400, f"'n' must be at most {st.cfg.max_n}, got {req.n}", "n")
-    prompts = await run_in_threadpool(completion_prompts, m, req)
+    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": m.name}
+    texts = req.prompts()
+    if st.guard is not None and all(isinstance(x, str) for x in texts):
+        refusal = await run_in_threadpool(guard_input, st, texts, head, False, req.stream)
+        if refusal is not None:
+            return refusal
+    prompts = await run_in_threadpool(completion_prompts, m, req, texts)
     top = req.logprobs
     max_new = max_new_tokens(req.max_tokens, "max_tokens", max(len(p) for p in prompts), m, st.cfg.max_tokens_cap,
                              16, 0)
@@ -265,31 +318,34 @@ async def completions(req: CompletionRequest, request: Request, key=Depends(auth
     procs = await run_in_threadpool(row_processors, constraint, req.n * len(prompts))
     kw = sampling_kwargs(req, top is not None, top or 0)
     reqs, q = submit(m, prompts, kw, max_new, req.n, procs, prompt_logprobs=req.echo and top is not None)
-    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": m.name}
+    rg = output_guard(st, len(reqs))
+    if rg is not None and rg.hides_logprobs:
+        top = None
     n_prompt = sum(len(p) for p in prompts)
     tok = m.engine.tok
     if not req.stream:
-        async for _ in events(request, m, reqs, q, key, n_prompt, poll_disconnect=True):
+        async for _ in events(request, m, reqs, q, key, n_prompt, poll_disconnect=True, rg=rg):
             pass
         choices = []
         for i, r in enumerate(reqs):
             prefix = tok.decode(r.prompt_ids) if req.echo else ""
             lp = completion_logprobs(r, tok, req.echo, prefix) if top is not None else None
-            choices.append({"index": i, "text": prefix + r.state.text, "logprobs": lp,
-                            "finish_reason": r.finish_reason})
+            text = rg.texts[i] if rg is not None else r.state.text
+            reason = r.finish_reason if rg is None else rg.finish_reason(i, r.finish_reason)
+            choices.append({"index": i, "text": prefix + text, "logprobs": lp, "finish_reason": reason})
         return {**head, "choices": choices, "usage": usage(reqs, n_prompt)}
-    return stream_response(completion_stream(request, m, req, reqs, q, key, n_prompt, head))
+    return stream_response(completion_stream(request, m, req, reqs, q, key, n_prompt, head, rg))
 
 
-async def completion_stream(request, m, req: CompletionRequest, reqs, q, key, n_prompt, head):
+async def completion_stream(request, m, req: CompletionRequest, reqs, q, key, n_prompt, head, rg=None):
     tok = m.engine.tok
     if req.echo:
         for i, r in enumerate(reqs):
             yield sse({**head, "choices": [{"index": i, "text": tok.decode(r.prompt_ids), "logprobs": None,
                                             "finish_reason": None}]})
-    async for i, ev in events(request, m, reqs, q, key, n_prompt, poll_disconnect=False):
-        text, reason = (ev[1], None) if ev[0] == "piece" else ("", reqs[i].finish_reason)
+    async for i, ev in events(request, m, reqs, q, key, n_prompt, poll_disconnect=False, rg=rg):
+        reason = reqs[i].finish_reason if rg is None else rg.finish_reason(i, reqs[i].finish_reason)
+        text, reason = (ev[1], None) if ev[0] == "piece" else ("", reason)
         yield sse({**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}]})
     if req.stream_options and req.stream_options.include_usage:
         yield sse({**head, "choices": [], "usage": usage(reqs, n_prompt)})

@@ -36,8 +36,8 @@ class HttpCounters:
 
 
 class _Collector:
-    def __init__(self, models, http: HttpCounters):
-        self.models, self.http = models, http
+    def __init__(self, models, http: HttpCounters, guard=None):
+        self.models, self.http, self.guard = models, http, guard  # guard: a callable giving the Guard or None
 
     def collect(self):
         lab = ["model_name"]
@@ -79,6 +79,13 @@ class _Collector:
             yield rej
             yield CounterMetricFamily("llmkit:scheduler_restarts", "Scheduler threads restarted after dying",
                                       value=self.http.restarts)
+        g = self.guard() if self.guard is not None else None
+        if g is not None:  # llmkit.safety: findings acted on, per policy category, direction and action
+            fam = CounterMetricFamily("llmkit:guard_findings", "Guard findings acted on",
+                                      labels=["category", "direction", "action"])
+            for (cat, direction, act), n in sorted(g.counts.items()):
+                fam.add_metric([cat, direction, act], n)
+            yield fam
 
 
 def _kv_usage(s) -> float:
@@ -87,10 +94,10 @@ def _kv_usage(s) -> float:
     return pool.reserved / max(1, pool.n_blocks)
 
 
-def registry(models: dict, http: HttpCounters) -> CollectorRegistry:
-    """A registry of its own per app (tests run several apps in one process)."""
+def registry(models: dict, http: HttpCounters, guard=None) -> CollectorRegistry:
+    """A registry of its own per app (tests run several apps in one process); guard() gives the server's Guard."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Collector(models, http))
+    reg.register(_Collector(models, http, guard))
     return reg
 
 

@@ -43,6 +43,7 @@ class ServeConfig:
     device: str = "cpu"
     embedding_pooling: str = "auto"  # llmkit.embed: auto|mean|last|cls
     kv_cache_mb: float | None = None  # per model; None: a fifth of the free memory
+    guard: str | None = None  # policy YAML (llmkit.safety): inputs checked, outputs guarded while streaming
 
 
 class APIError(Exception):
@@ -84,6 +85,7 @@ class ServerState:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.models: dict[str, Served] = {}
+        self.guard = None  # llmkit.safety.Guard, loaded with the models when cfg.guard names a policy
         self.error: str | None = None
         self.ready = False
         self.http = HttpCounters()
@@ -109,6 +111,10 @@ class ServerState:
                     raise ValueError(f"model {name!r} ({lm.path}) has no tokenizer; the server needs one")
                 engine = Engine(lm.model, lm.tokenizer, lm.generation_config, kv_cache_mb=self.cfg.kv_cache_mb)
                 self.models[name] = Served(name, engine, self._scheduler(engine))
+            if self.cfg.guard:
+                from llmkit.safety import Guard
+
+                self.guard = Guard.from_file(self.cfg.guard)
             self.ready = True
             threading.Thread(target=self._watch, name="llmkit-supervisor", daemon=True).start()
         except Exception as e:  # reported by /health and every route, instead of a silent dead server

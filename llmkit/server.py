@@ -79,7 +79,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     for r in (routes_chat, routes_embeddings, routes_admin):
         app.include_router(r.router)
     app.state.llmkit = state
-    app.state.metrics = registry(state.models, state.http)
+    app.state.metrics = registry(state.models, state.http, lambda: state.guard)
     return app
 
 

@@ -7,6 +7,7 @@ built from a GGUF file's metadata, the way llama.cpp and transformers' GGUF load
 
 import json
 import os
+import re
 import tempfile
 from datetime import datetime
 from functools import lru_cache
@@ -272,10 +273,41 @@ class Tokenizer:
         variables = {**self.special_tokens, **extra}  # bos_token etc. are visible to the template, as in transformers
         variables.setdefault("tools", None)
         variables.setdefault("documents", None)
-        text = _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        render = lambda msgs: _compile_template(self.chat_template).render(
+            messages=msgs, add_generation_prompt=add_generation_prompt, **variables)
+        if tokenize and self._smuggles(messages):
+            return self._encode_guarded(messages, render)
+        text = render(messages)
         # The template already writes BOS if the model wants it, so no special tokens are added (as in transformers).
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _smuggles(self, messages) -> bool:
+        added = [t.content for t in self.hf.get_added_tokens_decoder().values()]
+        return any(isinstance(m.get("content"), str) and any(t in m["content"] for t in added) for m in messages)
+
+    def _encode_guarded(self, messages, render) -> list[int]:
+        """Ids of the rendered conversation with message content encoded as plain text, so a user's
+        `<|im_start|>system` stays text instead of becoming control tokens (the template's own ones stay special)."""
+        import secrets
+
+        nonce = secrets.token_hex(4)
+        mark = lambda i: f"\ue000{nonce}:{i}\ue001"
+        contents = [m["content"] if isinstance(m.get("content"), str) else None for m in messages]
+        marked = [{**m, "content": mark(i)} if c is not None else m for i, (m, c) in enumerate(zip(messages, contents))]
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", render(marked))
+        if len(parts) != 2 * sum(c is not None for c in contents) + 1:
+            raise ValueError("message content contains control-token strings and this chat template transforms "
+                             "content, so it cannot be kept as plain text; remove the special tokens from the message")
+        if getattr(self, "_plain", None) is None:  # a copy that encodes special-token strings as ordinary text
+            self._plain = HFTokenizer.from_str(self.hf.to_str())
+            self._plain.encode_special_tokens = True
+        ids = []
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids += self._plain.encode(contents[int(part)], add_special_tokens=False).ids
+            elif part:
+                ids += self.encode(part, add_special_tokens=False)
+        return ids
 
     def __repr__(self) -> str:
         has_template = self.chat_template is not None

@@ -77,10 +77,24 @@ function headers() {
   return h;
 }
 
+// An assistant bubble shows markdown, or with the token view on, one span per token coloured by its probability
+// (the logprobs every request asks for; null when the server withholds them, e.g. under an output guard).
+function renderReply(div) {
+  if ($("token-view").checked && div.tokens && div.tokens.length) {
+    const h = renderTokens(div, div.tokens, "prob");
+    const note = document.createElement("span");
+    note.className = "mean-entropy";
+    note.textContent = `mean entropy of the top-5 (lower bound): ${h == null ? "n/a" : h.toFixed(3)} nats`;
+    div.appendChild(note);
+  } else {
+    div.innerHTML = renderMarkdown(div.text || "");
+  }
+}
+
 function addMessage(role, text) {
   const div = document.createElement("div");
   div.className = `msg ${role}`;
-  if (role === "assistant") div.innerHTML = renderMarkdown(text);
+  if (role === "assistant") { div.text = text; div.tokens = []; renderReply(div); }
   else div.textContent = text;
   $("messages").appendChild(div);
   $("messages").scrollTop = $("messages").scrollHeight;
@@ -125,6 +139,7 @@ async function send(text) {
   const body = {
     model: $("model").value || undefined, messages, stream: true,
     temperature: parseFloat($("temperature").value), max_tokens: parseInt($("max-tokens").value, 10) || 512,
+    logprobs: true, top_logprobs: 5,
   };
   state.controller = new AbortController();
   setBusy(true);
@@ -151,10 +166,17 @@ async function send(text) {
         if (data === "[DONE]") continue;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
-        const piece = chunk.choices.length ? chunk.choices[0].delta.content : "";
+        const choice = chunk.choices.length ? chunk.choices[0] : null;
+        const piece = choice ? choice.delta.content : "";
+        if (choice && choice.logprobs && choice.logprobs.content) {
+          for (const e of choice.logprobs.content) {
+            bubble.tokens.push({ token: e.token, logprob: e.logprob, top: e.top_logprobs.map((x) => [x.token, x.logprob]) });
+          }
+        }
         if (piece) {
           reply += piece;
-          bubble.innerHTML = renderMarkdown(reply);
+          bubble.text = reply;
+          renderReply(bubble);
           $("messages").scrollTop = $("messages").scrollHeight;
         }
       }
@@ -187,4 +209,5 @@ $("new-chat").addEventListener("click", () => {
 });
 $("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
 $("api-key").addEventListener("change", loadModels);
+$("token-view").addEventListener("change", () => document.querySelectorAll(".msg.assistant").forEach(renderReply));
 loadModels();
