@@ -84,6 +84,6 @@ async def index():
 @router.get("/web/{name}")
 async def web_file(name: str):
     path = WEB / name
-    if name not in ("app.js", "style.css") or not path.exists():
+    if name not in ("app.js", "style.css", "tokens.js") or not path.exists():
         raise APIError(404, f"no such file: /web/{name}")
     return FileResponse(path)
