@@ -36,6 +36,7 @@ def register(sub):
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(handler=cmd_compare)
     add_prune(sub)
+    add_distill(sub)
 
 
 def _common(p):
@@ -103,5 +104,73 @@ def cmd_prune(args):
                      device=args.device, progress=args.progress, report=args.report,
                      report_kwargs=report_kwargs(args))
     prune_model(pc)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distill
+
+
+def add_distill(sub):
+    p = sub.add_parser("distill", help="knowledge distillation: train a student on a teacher's distributions "
+                       "(KL / JSD at temperature T mixed with the hard-label loss)")
+    a = p.add_argument
+    a("--teacher", default="default", help="teacher model folder, .gguf or 'default'")
+    a("--student", help="student: a preset (its shape, the teacher's vocabulary), a config.json or a model folder "
+      "(e.g. from llmkit prune)")
+    a("--init-from-teacher", action="store_true", help="student = the teacher's blocks listed by --keep-layers")
+    a("--keep-layers", help="with --init-from-teacher: comma-separated block indices (default: every other block)")
+    a("--data", required=True, help="text (.txt), chat JSONL ({messages}), Alpaca JSON/JSONL, or CSV/TSV/JSONL "
+      "(text, label) for a classifier teacher")
+    a("--out", required=True, help="student model folder (checkpoints/, metrics.jsonl, loss.png, report)")
+    a("--task", choices=["text", "chat", "instruct", "classify"], help="default: detected from the file")
+    a("--loss", default="forward_kl", choices=["forward_kl", "reverse_kl", "symmetric_kl", "jsd"],
+      help="divergence between teacher and student (default forward_kl, Hinton's)")
+    a("--temperature", type=float, default=2.0, help="softening temperature T (the KD term is scaled by T^2)")
+    a("--alpha", type=float, default=0.5, help="weight of the KD term; 1 - alpha weighs the hard-label loss")
+    a("--teacher-cache", help="folder for the teacher's top-k outputs, computed once and reused across runs")
+    a("--top-k", type=int, default=64, help="teacher tokens kept per position in the cache (default 64)")
+    a("--val-data", help="validation file (default: hold out --val-fraction of --data)")
+    a("--val-fraction", type=float, default=0.1, help="share of --data held out (default 0.1)")
+    a("--max-length", type=int, default=512, help="tokens per example (default 512)")
+    a("--batch-size", type=int, default=8, help="examples per micro-step")
+    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--epochs", type=float, default=None, help="passes over the data (sets --max-steps)")
+    a("--max-steps", type=int, default=None, help="optimizer steps (default: 1 epoch)")
+    a("--max-time", type=float, default=None, help="stop after this many seconds")
+    a("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    a("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 3%% of the steps)")
+    a("--eval-every", type=int, default=100, help="validate every N steps")
+    a("--save-every", type=int, default=0, help="checkpoint every N steps (default: only at the end)")
+    a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    _common(p)
+    report_flags(p)
+    p.set_defaults(handler=cmd_distill)
+
+
+def cmd_distill(args):
+    from llmkit.distill import DistillConfig, distill
+    from llmkit.train import TrainConfig
+
+    layers = None
+    if args.keep_layers:
+        try:
+            layers = [int(x) for x in args.keep_layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--keep-layers must be comma-separated integers, got {args.keep_layers!r}") from None
+    dc = DistillConfig(teacher=args.teacher, data=args.data, out=args.out, student=args.student,
+                       init_from_teacher=args.init_from_teacher, keep_layers=layers, loss=args.loss,
+                       temperature=args.temperature, alpha=args.alpha, teacher_cache=args.teacher_cache,
+                       top_k=args.top_k, task=args.task, val_data=args.val_data, val_fraction=args.val_fraction,
+                       max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                       progress=args.progress, report=args.report, report_kwargs=report_kwargs(args))
+    tc = TrainConfig(max_steps=args.max_steps or 0, max_time=args.max_time, lr=args.lr,
+                     warmup_steps=args.warmup_steps if args.warmup_steps is not None else -1, weight_decay=0.0,
+                     grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
+                     seed=args.seed, device=args.device, out=args.out, resume=args.resume, progress=args.progress)
+    res = distill(dc, tc, epochs=args.epochs)
+    keys = ("step", "train_loss", "val_loss", "val_kd", "val_ce")
+    print(" ".join(f"{k} {res[k]:.4g}" if isinstance(res[k], float) else f"{k} {res[k]}" for k in keys if k in res))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
