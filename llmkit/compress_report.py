@@ -70,6 +70,17 @@ def count_params(model) -> tuple[int, int]:
     return total, nonzero
 
 
+def storage_dtype(spec) -> str | None:
+    """The dtype a model folder stores its weights in ("bfloat16", "float16", "float32"), or None if unknown;
+    compressed copies are saved in it so that file sizes compare like with like."""
+    try:
+        p = _resolve(spec)
+        dt = json.loads((p / "config.json").read_text()).get("torch_dtype") if p.is_dir() else None
+    except (OSError, ValueError):
+        return None
+    return dt if dt in ("bfloat16", "float16", "float32") else None
+
+
 def _resolve(spec) -> Path:
     if str(spec) == "default":
         from llmkit.checkpoint import default_model_dir

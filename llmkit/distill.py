@@ -16,7 +16,9 @@ classifier.
 Teacher outputs come on the fly (a forward of the teacher in each step) or from a top-k cache: the teacher's k most
 likely next tokens and their log-probabilities for every position, computed once into numpy memmaps and reused
 across epochs and runs (its meta.json names the teacher, k and a hash of the token ids). With a cache the divergence
-runs over those k tokens: the teacher renormalized over them, the student's full-vocabulary probabilities at them.
+runs over those k tokens: the teacher renormalized over them; the student's full-vocabulary probabilities at them for
+forward_kl (a cross-entropy that also pushes student mass off the other tokens), renormalized over them for the
+divergences weighted by the student (reverse_kl, symmetric_kl, jsd), so that every divergence stays >= 0.
 
 Students: a preset (its shape, with the teacher's vocabulary), a config.json, a model folder (e.g. a structurally
 pruned teacher from `llmkit prune`: the Minitron recipe), or a copy of the teacher keeping some blocks
@@ -70,6 +72,8 @@ def kd_loss(student_logits, teacher_logits=None, *, temperature: float = 2.0, ki
     else:  # softening log p by T is log_softmax(log p / T); renormalized over the k tokens
         t = F.log_softmax(teacher_logprobs.float() / T, dim=-1)
         s = s.gather(-1, teacher_ids.long())
+        if kind != "forward_kl":  # these weigh by the student's probabilities: renormalize them on the k tokens too
+            s = F.log_softmax(s, dim=-1)
     return divergence(s, t, kind).mean() * T * T
 
 
@@ -91,7 +95,9 @@ def make_loss(teacher=None, *, temperature: float = 2.0, alpha: float = 0.5, kin
             logits = model(ids, attention_mask=mask)  # (B, T, V)
             keep = batch["labels"] != IGNORE
             ce = F.cross_entropy(logits[keep].float(), batch["labels"][keep])
-            if "teacher_ids" in batch:
+            if alpha == 0:  # plain cross-entropy training (the baseline of a KD run): no teacher forward
+                kd = torch.zeros((), device=ce.device)
+            elif "teacher_ids" in batch:
                 kd = kd_loss(logits[keep], temperature=temperature, kind=kind,
                              teacher_ids=batch["teacher_ids"][keep], teacher_logprobs=batch["teacher_logprobs"][keep])
             else:
@@ -219,6 +225,8 @@ def build_cache(cache_dir, teacher, examples: list[dict], k: int, meta: dict, ba
     """Run the teacher once over every example and store its top-k next-token ids and log-probabilities."""
     from tqdm import tqdm
 
+    from llmkit.finetune import collate
+
     p = Path(cache_dir)
     p.mkdir(parents=True, exist_ok=True)
     n = meta["n_tokens"]
@@ -229,12 +237,15 @@ def build_cache(cache_dir, teacher, examples: list[dict], k: int, meta: dict, ba
     teacher.eval()
     for s in tqdm(range(0, len(examples), batch_size), desc="teacher top-k cache", disable=not progress,
                   file=sys.stderr):
-        for j, e in enumerate(examples[s:s + batch_size]):  # one example per forward: no padding to get wrong
-            x = torch.tensor([e["input_ids"]], device=device)
-            logp = F.log_softmax(teacher(x)[0].float(), dim=-1)
-            top = logp.topk(k, dim=-1)
-            a, b = offsets[s + j], offsets[s + j + 1]
-            ids[a:b], lps[a:b] = top.indices.cpu().numpy(), top.values.cpu().numpy()
+        chunk = examples[s:s + batch_size]
+        # right padding: a causal model's outputs at the real positions do not depend on what follows them
+        b = collate([{"input_ids": e["input_ids"], "labels": 0} for e in chunk], 0)
+        logp = F.log_softmax(teacher(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+                             .float(), dim=-1)
+        top = logp.topk(k, dim=-1)
+        for j, e in enumerate(chunk):
+            a, t = offsets[s + j], len(e["input_ids"])
+            ids[a:a + t], lps[a:a + t] = top.indices[j, :t].cpu().numpy(), top.values[j, :t].cpu().numpy()
     ids.flush()
     lps.flush()
     (p / ".ids.npy.tmp").replace(p / "ids.npy")
@@ -373,18 +384,23 @@ def prepare(dc: DistillConfig) -> dict:
 def distill(dc: DistillConfig, tc, epochs: float | None = None) -> dict:
     """Distill dc.teacher into the student with train.py's loop configured by tc; returns the final metrics."""
     from llmkit.checkpoint import save_model
+    from llmkit.compress_report import storage_dtype
     from llmkit.finetune import ExampleLoader, _pad_id
-    from llmkit.train import train
+    from llmkit.train import setup_distributed, train
 
     t0 = time.time()
     validate(dc, tc.resume)
     p = prepare(dc)
     teacher, student, tok = p["teacher"].model, p["student"], p["tok"]
+    rank, world, _ = setup_distributed(tc.device)  # under torchrun: rank 0 builds the cache and writes the report
     if dc.teacher_cache:
         if not p["cache_ready"]:
-            build_cache(dc.teacher_cache, teacher, p["train"] + p["val"], p["cache_meta"]["k"], p["cache_meta"],
-                        progress=dc.progress)
-        else:
+            if rank == 0:
+                build_cache(dc.teacher_cache, teacher, p["train"] + p["val"], p["cache_meta"]["k"],
+                            p["cache_meta"], progress=dc.progress)
+            if world > 1:
+                torch.distributed.barrier()
+        elif rank == 0:
             print(f"reusing the teacher cache in {dc.teacher_cache}", file=sys.stderr)
         attach_cache(dc.teacher_cache, p["train"] + p["val"])
         teacher_for_loss = None
@@ -409,11 +425,13 @@ def distill(dc: DistillConfig, tc, epochs: float | None = None) -> dict:
     run = {"distill": {k: v for k, v in dc.__dict__.items() if k != "report_kwargs"} | {
         "task": p["task"], "student_init": p["how"], "teacher_non_embedding_params": t_size,
         "student_non_embedding_params": s_size}}
+    dtype = storage_dtype(dc.teacher)  # the student's file in the teacher's storage dtype: sizes compare fairly
     student.train()
     result = train(student, train_data, loss_fn, tc, val_data=val_data,
-                   save_fn=lambda d, m: save_model(d, m, tok, p["teacher"].generation_config), run_config=run)
+                   save_fn=lambda d, m: save_model(d, m, tok, p["teacher"].generation_config, dtype=dtype),
+                   run_config=run)
     result["run_seconds"] = time.time() - t0
-    if dc.report and tc.out:
+    if dc.report and tc.out and rank == 0:
         from llmkit import compress_report as cr
 
         rows = [cr.measure(dc.teacher, name="teacher", **dc.report_kwargs),

@@ -186,6 +186,17 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple
     Follows the reference implementation (IST-DASLab/sparsegpt), except that an unstructured block drops exactly
     round(sparsity * block size) weights instead of those under a threshold. Returns the pruned, updated weights.
     """
+    # the column loop runs thousands of tiny ops: one thread avoids the thread pool's hand-offs, which cost ~40x
+    # on a busy 2-core machine (measured: 34 s -> 0.9 s for a 576 x 1536 matrix)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _sparsegpt(w, H, sparsity, nm, blocksize, percdamp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sparsegpt(w, H, sparsity, nm, blocksize, percdamp):
     W = w.detach().clone().float()
     H = H.clone()
     rows, cols = W.shape
@@ -455,6 +466,7 @@ def _recovery_examples(tok, path, seq_len: int, batch_size: int):
 def prune_model(pc: PruneConfig) -> dict:
     """Prune pc.model into pc.out (a model folder), recover if asked, and write the before/after report."""
     from llmkit.checkpoint import load_model, save_model, write_json
+    from llmkit.compress_report import storage_dtype
 
     t0 = time.time()
     if pc.method not in METHODS + ("structured",):
@@ -519,7 +531,7 @@ def prune_model(pc: PruneConfig) -> dict:
         info["recovery"] = {"steps": pc.recover, "lr": pc.recover_lr, **{k: result.get(k) for k in
                             ("train_loss", "val_loss", "val_ppl")}}
     else:
-        save_model(pc.out, model, tok, lm.generation_config)
+        save_model(pc.out, model, tok, lm.generation_config, dtype=storage_dtype(pc.model))
     info["run_seconds"] = time.time() - t0
     write_json(Path(pc.out) / "prune_config.json", info)
     if pc.report:
@@ -529,6 +541,7 @@ def prune_model(pc: PruneConfig) -> dict:
 
 def _recover(model, lm, rec, pc: PruneConfig, keep_zeros: bool) -> dict:
     from llmkit.checkpoint import save_model
+    from llmkit.compress_report import storage_dtype
     from llmkit.finetune import ExampleLoader, _pad_id
     from llmkit.pretrain import clm_loss
     from llmkit.train import TrainConfig, train
@@ -546,8 +559,9 @@ def _recover(model, lm, rec, pc: PruneConfig, keep_zeros: bool) -> dict:
                      device=pc.device, out=pc.out, progress=pc.progress)
     model.train()
     try:
+        dtype = storage_dtype(pc.model) if pc.model else None
         return train(model, tr, clm_loss, tc, val_data=va,
-                     save_fn=lambda d, m: save_model(d, m, lm.tokenizer, lm.generation_config),
+                     save_fn=lambda d, m: save_model(d, m, lm.tokenizer, lm.generation_config, dtype=dtype),
                      run_config={"prune": {k: v for k, v in pc.__dict__.items() if k != "report_kwargs"}})
     finally:
         for h in handles:

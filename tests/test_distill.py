@@ -1,6 +1,9 @@
 """Distillation: KD losses against direct torch computations, top-k cache, students, the distill command moving a tiny
 student toward its teacher through the shared loop (metrics, resume), classifiers, bad input."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,14 @@ def make_tok(extra=""):
 @pytest.fixture(scope="module")
 def tok():
     return make_tok()
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    """The first 6,000 characters of the Shakespeare excerpt: enough for a few batches, quick to validate on."""
+    p = tmp_path_factory.mktemp("text") / "text.txt"
+    p.write_text(TEXT.read_text()[:6000])
+    return p
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +97,38 @@ def test_top_k_cache_form_equals_the_full_teacher_when_k_is_the_vocabulary():
         full = D.kd_loss(s, t, temperature=2.0, kind=kind)
         cached = D.kd_loss(s, temperature=2.0, kind=kind, teacher_ids=top.indices, teacher_logprobs=top.values)
         torch.testing.assert_close(cached, full)
-    # with fewer tokens the forward KL is a cross-entropy on the teacher's renormalized top-k
+    # with fewer tokens every divergence stays >= 0; the forward KL is a cross-entropy on the teacher's top-k
+    for kind in D.LOSSES:
+        assert float(D.kd_loss(s, temperature=2.0, kind=kind, teacher_ids=top.indices[:, :3],
+                               teacher_logprobs=top.values[:, :3])) >= 0
     top3 = F.log_softmax(t, -1).topk(3, -1)
     p = F.softmax(top3.values / 2.0, -1)
     ref = (p * (p.log() - F.log_softmax(s / 2.0, -1).gather(-1, top3.indices))).sum(-1).mean() * 4
     torch.testing.assert_close(D.kd_loss(s, temperature=2.0, teacher_ids=top3.indices,
                                          teacher_logprobs=top3.values), ref)
+
+
+def test_cache_rows_are_the_teachers_top_k_for_examples_of_any_length(teacher_dir, tmp_path):
+    import numpy as np
+
+    lm = load_model(teacher_dir)
+    g = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": torch.randint(3, 320, (n,), generator=g).tolist()} for n in (5, 17, 9, 1, 12)]
+    meta, ready = D.check_cache(tmp_path / "c", lm, 4, examples)
+    assert not ready
+    D.build_cache(tmp_path / "c", lm.model, examples, 4, meta, batch_size=3, progress=False)
+    ids, lps = np.load(tmp_path / "c" / "ids.npy"), np.load(tmp_path / "c" / "logprobs.npy")
+    a = 0
+    for e in examples:
+        with torch.no_grad():
+            top = F.log_softmax(lm.model(torch.tensor([e["input_ids"]]))[0], -1).topk(4, -1)
+        n = len(e["input_ids"])
+        assert (ids[a:a + n] == top.indices.numpy()).all()
+        assert np.allclose(lps[a:a + n], top.values.numpy(), atol=2e-2)  # float16 storage
+        a += n
+    assert D.check_cache(tmp_path / "c", lm, 4, examples)[1]
+    with pytest.raises(ValueError, match="another teacher"):
+        D.check_cache(tmp_path / "c", lm, 4, examples[:2])
 
 
 def test_hinton_mix_and_assistant_only_positions():
@@ -136,8 +173,8 @@ def kl_to_teacher(teacher_dir, student_dir, tok) -> float:
         return float(D.kd_loss(s(ids)[0], t(ids)[0], temperature=1.0))
 
 
-def test_kd_student_moves_toward_the_teacher_more_than_ce_only(teacher_dir, tok, tmp_path):
-    common = ["--teacher", str(teacher_dir), "--init-from-teacher", "--keep-layers", "0,2", "--data", str(TEXT),
+def test_kd_student_moves_toward_the_teacher_more_than_ce_only(teacher_dir, tok, text, tmp_path):
+    common = ["--teacher", str(teacher_dir), "--init-from-teacher", "--keep-layers", "0,2", "--data", str(text),
               "--max-steps", "25", "--lr", "3e-3", "--eval-every", "25", *FAST]
     assert main(["distill", *common, "--out", str(tmp_path / "kd"), "--alpha", "1.0", "--temperature", "1"]) == 0
     assert main(["distill", *common, "--out", str(tmp_path / "ce"), "--alpha", "0.0"]) == 0
@@ -145,7 +182,7 @@ def test_kd_student_moves_toward_the_teacher_more_than_ce_only(teacher_dir, tok,
     save_model(tmp_path / "init", before, tok)
     kl0 = kl_to_teacher(teacher_dir, tmp_path / "init", tok)
     kl_kd, kl_ce = kl_to_teacher(teacher_dir, tmp_path / "kd", tok), kl_to_teacher(teacher_dir, tmp_path / "ce", tok)
-    assert kl_kd < 0.7 * kl0 and kl_kd < kl_ce
+    assert kl_kd < 0.85 * kl0 and kl_kd < kl_ce, (kl0, kl_kd, kl_ce)
     rows = [json.loads(x) for x in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 25 and "val_kd" in rows[-1] and "val_ce" in rows[-1]
     assert (tmp_path / "kd" / "loss.png").is_file() and load_model(tmp_path / "kd").config.n_layer == 2
@@ -153,9 +190,9 @@ def test_kd_student_moves_toward_the_teacher_more_than_ce_only(teacher_dir, tok,
     assert run["distill"]["loss"] == "forward_kl" and run["distill"]["student_init"] == "teacher blocks"
 
 
-def test_teacher_cache_is_built_once_reused_and_resume_works(teacher_dir, tmp_path, capsys):
+def test_teacher_cache_is_built_once_reused_and_resume_works(teacher_dir, text, tmp_path, capsys):
     cache = tmp_path / "cache"
-    args = ["distill", "--teacher", str(teacher_dir), "--student", "llama-tiny", "--data", str(TEXT),
+    args = ["distill", "--teacher", str(teacher_dir), "--student", "llama-tiny", "--data", str(text),
             "--teacher-cache", str(cache), "--top-k", "16", "--loss", "reverse_kl", "--eval-every", "2", *FAST]
     assert main([*args, "--out", str(tmp_path / "a"), "--max-steps", "2", "--save-every", "2"]) == 0
     meta = json.loads((cache / "meta.json").read_text())
@@ -189,16 +226,9 @@ def test_chat_data_and_a_classifier_teacher(tok, teacher_dir, tmp_path):
     assert cfg.num_labels == 2 and cfg.n_layer == 1
 
 
-def test_student_larger_than_teacher_warns(teacher_dir, tmp_path, capsys):
-    rc = main(["distill", "--teacher", str(teacher_dir), "--student", "llama-tiny", "--data", str(TEXT), "--out",
-               str(tmp_path / "big"), "--max-steps", "1", *FAST])
-    assert rc == 0
-    cfg = json.loads((tmp_path / "cfg.json").write_text(json.dumps(preset("llama-tiny", vocab_size=320,
-                                                                          n_layer=6).to_dict())) and
-                     (tmp_path / "cfg.json").read_text())
-    assert cfg["n_layer"] == 6
-    capsys.readouterr()
-    rc = main(["distill", "--teacher", str(teacher_dir), "--student", str(tmp_path / "cfg.json"), "--data", str(TEXT),
+def test_student_larger_than_teacher_warns(teacher_dir, text, tmp_path, capsys):
+    (tmp_path / "cfg.json").write_text(json.dumps(preset("llama-tiny", vocab_size=320, n_layer=6).to_dict()))
+    rc = main(["distill", "--teacher", str(teacher_dir), "--student", str(tmp_path / "cfg.json"), "--data", str(text),
                "--out", str(tmp_path / "bigger"), "--max-steps", "1", *FAST])
     assert rc == 0 and "warning: the student" in capsys.readouterr().err
 
@@ -216,7 +246,7 @@ def test_student_larger_than_teacher_warns(teacher_dir, tmp_path, capsys):
     (["--init-from-teacher", "--data", "EMPTY"], "empty"),
     (["--init-from-teacher", "--data", "missing.txt"], "not found"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(teacher_dir, tmp_path, capsys, flags, msg):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(teacher_dir, text, tmp_path, capsys, flags, msg):
     (tmp_path / "EMPTY").write_text("")
     if "OTHER_TOK" in flags:
         torch.manual_seed(0)
@@ -226,9 +256,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(teacher_dir, tmp_path, 
         (tmp_path / "VOCAB_CFG.json").write_text(json.dumps(preset("llama-tiny").to_dict()))  # 256 tokens
         flags = ["--student", str(tmp_path / "VOCAB_CFG.json")]
     flags = [str(tmp_path / f) if f in ("EMPTY", "OTHER_TOK", "C") else f for f in flags]
-    data = [] if "--data" in flags else ["--data", str(TEXT)]
+    data = [] if "--data" in flags else ["--data", str(text)]
     out = tmp_path / "out"
     rc = main(["distill", "--teacher", str(teacher_dir), *data, "--out", str(out), "--max-steps", "1", *FAST, *flags])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and msg in err and len(err.splitlines()) == 1, err
     assert not out.exists() and not (tmp_path / "C").exists()
+
+
+def test_distill_runs_under_torchrun_with_two_processes(teacher_dir, text, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    r = subprocess.run([*launcher, "-m", "llmkit", "distill", "--teacher", str(teacher_dir), "--init-from-teacher",
+                        "--data", str(text), "--out", str(tmp_path / "ddp"), "--teacher-cache", str(tmp_path / "c"),
+                        "--top-k", "8", "--max-steps", "2", *FAST], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "ddp" / "run_config.json").read_text())["world_size"] == 2
+    assert (tmp_path / "c" / "meta.json").is_file() and load_model(tmp_path / "ddp").config.n_layer == 2
