@@ -16,7 +16,7 @@ budget is 4 minutes a run and the results are indicative only. Writes benchmarks
 compress_distill.png.
 
     flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD .venv/bin/python benchmarks/compress_distill.py \
-        [--minutes 4] [--loss forward_kl] [--temperature 2] [--alpha 0.5] [--eval-limit 100]
+        [--minutes 4] [--loss forward_kl] [--temperature 2] [--alpha 0.5] [--eval-limit 40]
 """
 import argparse
 import json
@@ -47,11 +47,14 @@ def main():
     ap.add_argument("--block", type=int, default=128, help="tokens per training example")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--ppl-chars", type=int, default=8000)
+    ap.add_argument("--ppl-chars", type=int, default=4000)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--eval-limit", type=int, default=100, help="HellaSwag items")
+    ap.add_argument("--eval-limit", type=int, default=40, help="HellaSwag items")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compress_distill.json"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a machine loaded by other jobs, fewer thread hand-offs)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     from llmkit import evaluate
     from llmkit.checkpoint import load_model, save_model

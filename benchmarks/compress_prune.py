@@ -14,7 +14,7 @@ unstructured): dense 5.12, magnitude 14.89, Wanda 6.42. The machine is shared by
 indicative only. Writes benchmarks/results/compress_prune.json and compress_prune.png.
 
     flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD .venv/bin/python benchmarks/compress_prune.py \
-        [--ppl-chars 8000] [--calib-samples 32] [--recover 12] [--sweep 0.1,0.3,0.5,0.6,0.7] \
+        [--ppl-chars 4000] [--calib-samples 16] [--recover 6] [--sweep 0.1,0.3,0.5,0.7] \
         [--sweep-methods magnitude,wanda]
 """
 import argparse
@@ -35,14 +35,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--test", default=str(SHARED / "test.txt"))
     ap.add_argument("--calib", default=str(SHARED / "valid.txt"))
-    ap.add_argument("--ppl-chars", type=int, default=8000, help="characters of the test text scored")
+    ap.add_argument("--ppl-chars", type=int, default=4000, help="characters of the test text scored")
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--recover", type=int, default=12, help="recovery steps after structured pruning")
-    ap.add_argument("--sweep", default="0.1,0.3,0.5,0.6,0.7")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--recover", type=int, default=6, help="recovery steps after structured pruning")
+    ap.add_argument("--sweep", default="0.1,0.3,0.5,0.7")
     ap.add_argument("--sweep-methods", default="magnitude,wanda", help="SparseGPT takes ~1-2 min a run here")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compress_prune.json"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a machine loaded by other jobs, fewer thread hand-offs)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     from llmkit import evaluate
     from llmkit import prune as P

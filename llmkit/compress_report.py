@@ -106,10 +106,15 @@ def _ppl_lines(path, chars: int) -> int:
 
 def probe(spec, decode_tokens: int = 64, dtype=None) -> dict:
     """Load and decode in a fresh Python process: its peak RSS and the decode rate (greedy, batch 1, EOS ignored)."""
-    code = ("import json,sys; from llmkit.compress_report import _probe_main; "
+    import torch
+
+    # the same number of threads as the caller: rates measured side by side stay comparable
+    code = ("import json,sys,torch; torch.set_num_threads(int(sys.argv[4])); "
+            "from llmkit.compress_report import _probe_main; "
             "print(json.dumps(_probe_main(sys.argv[1], int(sys.argv[2]), sys.argv[3] or None)))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x])}
-    r = subprocess.run([sys.executable, "-c", code, str(spec), str(decode_tokens), dtype or ""], capture_output=True,
+    r = subprocess.run([sys.executable, "-c", code, str(spec), str(decode_tokens), dtype or "",
+                        str(torch.get_num_threads())], capture_output=True,
                        text=True, env=env)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]

@@ -39,6 +39,15 @@ def make_tok(extra=""):
                      unk_token="<|endoftext|>", chat_template=CHATML, add_bos_token=False)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread (a busy 2-core machine makes torch's thread hand-offs cost more than the math)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return make_tok()

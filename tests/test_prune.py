@@ -24,6 +24,15 @@ REPORT = ["--wikitext", str(DATA / "wikitext2_test_excerpt.txt"), "--hellaswag",
           "--eval-limit", "4", "--ppl-chars", "1000", "--decode-tokens", "4", "--no-progress"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread (a busy 2-core machine makes torch's thread hand-offs cost more than the math)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     """A tiny byte-level BPE tokenizer trained in-process."""
