@@ -283,3 +283,16 @@ def test_distill_runs_under_torchrun_with_two_processes(teacher_dir, text, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "ddp" / "run_config.json").read_text())["world_size"] == 2
     assert (tmp_path / "c" / "meta.json").is_file() and load_model(tmp_path / "ddp").config.n_layer == 2
+
+
+def test_prune_then_distill_a_structurally_pruned_student(teacher_dir, text, tmp_path):
+    """The Minitron recipe: shrink the teacher with llmkit prune, then distill into the smaller folder."""
+    assert main(["prune", "--model", str(teacher_dir), "--out", str(tmp_path / "small"), "--method", "structured",
+                 "--target", "mlp,layers", "--ratio", "0.5", "--calib-data", str(text), "--calib-samples", "4",
+                 "--calib-seq-len", "32", "--no-report", "--no-progress"]) == 0
+    out = tmp_path / "kd"
+    assert main(["distill", "--teacher", str(teacher_dir), "--student", str(tmp_path / "small"), "--data", str(text),
+                 "--out", str(out), "--max-steps", "2", *FAST]) == 0
+    cfg = load_model(out).config
+    assert (cfg.n_layer, cfg.intermediate_size) == (2, 64)
+    assert json.loads((out / "run_config.json").read_text())["distill"]["student_init"] == "model folder"
