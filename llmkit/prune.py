@@ -555,7 +555,7 @@ def _recover(model, lm, rec, pc: PruneConfig, keep_zeros: bool) -> dict:
     tr, va = ExampleLoader(rec[0], pc.recover_batch_size, pad, seed=pc.seed), \
         ExampleLoader(rec[1], pc.recover_batch_size, pad, shuffle=False)
     tc = TrainConfig(max_steps=pc.recover, lr=pc.recover_lr, warmup_steps=max(1, pc.recover // 10), weight_decay=0.0,
-                     eval_every=0, eval_steps=len(va), log_every=max(1, pc.recover // 20), seed=pc.seed,
+                     eval_every=0, eval_steps=min(len(va), 20), log_every=max(1, pc.recover // 20), seed=pc.seed,
                      device=pc.device, out=pc.out, progress=pc.progress)
     model.train()
     try:
