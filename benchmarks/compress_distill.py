@@ -12,7 +12,8 @@ untrained student are scored too. Curves: validation cross-entropy (WikiText-2 t
 ones) against training time, both runs in one plot.
 
 The issue asks for ~20 minutes a run; the machine is shared by several jobs (2 cores, load often > 8), so the default
-budget is 3 minutes a run (and 20 HellaSwag items, a noisy figure) and the results are indicative only. Writes benchmarks/results/compress_distill.json and
+budget is 3 minutes a run (and 20 HellaSwag items, a noisy figure) and the results are indicative
+only. Writes benchmarks/results/compress_distill.json and
 compress_distill.png.
 
     flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD .venv/bin/python benchmarks/compress_distill.py \

@@ -132,7 +132,8 @@ def main():
     by = {r["name"]: r["ppl"] for r in rows}
     result = {
         "benchmark": f"WikiText-2 test token perplexity, first {args.ppl_chars} characters ({len(tokens)} tokens), "
-                     f"{args.context}-token windows; calibration {args.calib_samples} x {args.calib_len} tokens of WikiText-2 valid; "
+                     f"{args.context}-token windows; calibration {args.calib_samples} x {args.calib_len} tokens of "
+                     f"WikiText-2 valid; "
                      f"recovery {args.recover} steps of 2 x 128 tokens",
         "model": "SmolLM2-135M-Instruct (default, Q4_1 GGUF dequantized, float32)",
         "command": "flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD .venv/bin/python benchmarks/compress_prune.py"

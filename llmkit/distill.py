@@ -418,9 +418,10 @@ def distill(dc: DistillConfig, tc, epochs: float | None = None) -> dict:
     loss_fn = make_loss(teacher_for_loss, temperature=dc.temperature, alpha=dc.alpha, kind=dc.loss,
                         classify=p["classify"])
     t_size, s_size = p["sizes"]
+    source = f"top-{p['cache_meta']['k']} cache" if dc.teacher_cache else "teacher on the fly"
     print(f"distilling {dc.teacher} ({t_size:,} non-embedding parameters) into a {p['how']} student "
           f"({s_size:,}): {dc.loss}, T={dc.temperature}, alpha={dc.alpha}, {len(p['train'])} train / "
-          f"{len(p['val'])} val examples, {'top-' + str(p['cache_meta']['k']) + ' cache' if dc.teacher_cache else 'teacher on the fly'}",
+          f"{len(p['val'])} val examples, {source}",
           file=sys.stderr)
     run = {"distill": {k: v for k, v in dc.__dict__.items() if k != "report_kwargs"} | {
         "task": p["task"], "student_init": p["how"], "teacher_non_embedding_params": t_size,

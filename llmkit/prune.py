@@ -18,8 +18,6 @@ ModelConfig and a model folder that transformers loads.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -166,7 +164,8 @@ class _Taps:
         self.handles = []
         for n, m in self.mods.items():
             m.__class__ = _TapLinear
-            self.handles.append(m.register_forward_hook(lambda mod, a, out, n=n: fn(n, a[0].reshape(-1, a[0].shape[-1]))))
+            hook = lambda mod, a, out, n=n: fn(n, a[0].reshape(-1, a[0].shape[-1]))  # noqa: E731
+            self.handles.append(m.register_forward_hook(hook))
 
     def close(self):
         for h in self.handles:

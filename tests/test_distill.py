@@ -259,7 +259,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(teacher_dir, text, tmp_
     (tmp_path / "EMPTY").write_text("")
     if "OTHER_TOK" in flags:
         torch.manual_seed(0)
-        save_model(tmp_path / "OTHER_TOK", Transformer(preset("llama-tiny", vocab_size=320)), make_tok("zzz qqq xyz " * 50))
+        other = make_tok("zzz qqq xyz " * 50)
+        save_model(tmp_path / "OTHER_TOK", Transformer(preset("llama-tiny", vocab_size=320)), other)
     if "VOCAB_CFG" in flags:
         (tmp_path / "VOCAB_CFG").mkdir()
         (tmp_path / "VOCAB_CFG.json").write_text(json.dumps(preset("llama-tiny").to_dict()))  # 256 tokens

@@ -129,7 +129,8 @@ def test_wanda_scores_weights_by_input_norms_of_the_calibration_text():
 def test_sparsegpt_reconstructs_a_layer_better_than_wanda_and_magnitude():
     g = torch.Generator().manual_seed(0)
     # LLM-like inputs: features of very different scales (outlier features) sharing a common component
-    X = torch.randn(512, 64, generator=g) * torch.rand(64, generator=g).mul(3).exp() + 0.3 * torch.randn(512, 1, generator=g)
+    scales = torch.rand(64, generator=g).mul(3).exp()
+    X = torch.randn(512, 64, generator=g) * scales + 0.3 * torch.randn(512, 1, generator=g)
     W = torch.randn(32, 64, generator=g)
     H = 2 * X.T @ X / len(X)
     err = lambda M: float((X @ (W - M).T).pow(2).sum())  # noqa: E731  the layer's output error
