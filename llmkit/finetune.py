@@ -242,12 +242,14 @@ class ExampleLoader:
     examples once, in order (evaluation).
     """
 
-    def __init__(self, examples: list[dict], batch_size: int, pad_id: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, examples: list[dict], batch_size: int, pad_id: int, seed: int = 0, shuffle: bool = True,
+                 collate_fn=None):
         if shuffle and len(examples) < batch_size:
             raise ValueError(f"{len(examples)} training examples are fewer than one batch of {batch_size}: "
                              "use more data or a smaller --batch-size")
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
         self.seed, self.shuffle = seed, shuffle
+        self.collate = collate_fn or collate  # e.g. distill.kd_collate adds cached teacher outputs
         self.epoch, self.cursor, self._batches = 0, 0, None
 
     def _epoch_batches(self) -> list[list[int]]:
@@ -275,7 +277,7 @@ class ExampleLoader:
     def __iter__(self):
         if not self.shuffle:
             for b in self._epoch_batches():
-                yield collate([self.examples[i] for i in b], self.pad_id)
+                yield self.collate([self.examples[i] for i in b], self.pad_id)
             return
         while True:
             if self._batches is None:
@@ -284,7 +286,7 @@ class ExampleLoader:
                 self.epoch, self.cursor, self._batches = self.epoch + 1, 0, self._epoch_batches()
             b = self._batches[self.cursor]
             self.cursor += 1
-            yield collate([self.examples[i] for i in b], self.pad_id)
+            yield self.collate([self.examples[i] for i in b], self.pad_id)
 
 
 @torch.no_grad()
