@@ -537,6 +537,10 @@ def add_finetune(sub):
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     a("--seed", type=int, default=0, help="random seed")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a("--dp-epsilon", type=float, default=None, help="train with DP-SGD (Opacus) to this epsilon (LoRA only)")
+    a("--dp-delta", type=float, default=1e-5, help="DP delta (default 1e-5; keep it below 1 / examples)")
+    a("--max-grad-norm", type=float, default=1.0, help="DP: per-example gradient clipping norm (default 1.0)")
+    a("--dp-accountant", choices=["prv", "rdp"], default="prv", help="DP: privacy accountant (default prv)")
 
 
 def cmd_finetune(args):
@@ -556,8 +560,13 @@ def cmd_finetune(args):
                      early_stopping=args.early_stopping,
                      seed=args.seed, device=_device(args), dtype=args.dtype or "auto", out=args.out,
                      resume=args.resume, progress=args.progress)
-    res = finetune(fc, tc, epochs=args.epochs)
-    keys = ("step", "train_loss", "val_loss", "val_acc", "val_accuracy", "val_macro_f1")
+    dp = None
+    if args.dp_epsilon is not None:
+        from llmkit.privacy import DPConfig
+
+        dp = DPConfig(args.dp_epsilon, args.dp_delta, args.max_grad_norm, args.dp_accountant)
+    res = finetune(fc, tc, epochs=args.epochs, dp=dp)
+    keys = ("step", "train_loss", "val_loss", "val_acc", "val_accuracy", "val_macro_f1", "epsilon")
     print(" ".join(f"{k} {res[k]:.4g}" if isinstance(res[k], float) else f"{k} {res[k]}" for k in keys if k in res))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
