@@ -377,7 +377,7 @@ def cmd_pretrain(args):
 
 
 def add_eval(sub):
-    p = sub.add_parser("eval", help="evaluate a model: perplexity, choice, generate, classify (JSON + markdown table)")
+    p = sub.add_parser("eval", help="evaluate a model: perplexity, choice, generate, classify, bias (JSON + tables)")
     esub = p.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
 
     def common(q, batch_size):
@@ -418,6 +418,7 @@ def add_eval(sub):
     q.add_argument("--text-field", default="text")
     q.add_argument("--label-field", default="label", help="label index or label name")
     q.set_defaults(handler=cmd_eval_classify)
+    importlib.import_module("llmkit.cli_private").add_eval_bias(esub)
 
 
 def _eval_finish(args, res):
