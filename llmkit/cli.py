@@ -613,7 +613,7 @@ COMMANDS = ["generate", "chat", "info", "convert", "merge", "serve", "tokenizer"
             "finetune", "classify"]
 # commands that live in modules of their own (cli_<area>.py): each module has register(sub), whose parsers set
 # `handler=` with set_defaults; they import heavy libraries inside their handlers, so `llmkit --help` stays fast
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["llmkit.cli_private"]
 
 
 def build_parser():
