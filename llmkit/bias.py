@@ -36,7 +36,8 @@ PRONOUN_TEMPLATES = [("The {occupation} said that", " {pronoun} would be late.")
 PRONOUNS = ("he", "she")
 # the name sits in the context and the occupation in the continuation: a name's own frequency does not enter the gap,
 # and each name's context is computed once for all occupations
-NAME_TEMPLATES = [("{name}", " works as a {occupation}."), ("Yesterday {name} started a new job as", " a {occupation}.")]
+NAME_TEMPLATES = [("{name}", " works as a {occupation}."),
+                  ("Yesterday {name} started a new job as", " a {occupation}.")]
 # first-name lists in the style of Bertrand & Mullainathan (2004) / Caliskan et al. (2017); illustrative only
 NAMES = {"female": ["Emily", "Sarah", "Anna", "Laura", "Lisa"],
          "male": ["James", "John", "Robert", "Michael", "David"],

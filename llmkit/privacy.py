@@ -18,7 +18,6 @@ import os
 import warnings
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
