@@ -7,7 +7,7 @@ mode (server + 4 client processes on loopback, FedAvg, full participation); the 
 for rounds x clients x local steps steps. A subset and few rounds keep it under ~8 minutes on a shared 2-core CPU,
 where the 4 client processes compete for the same cores: wall times are this machine's, not a real deployment's.
 
-    flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD python benchmarks/federate_sst2.py
+    flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/federate_sst2.py
 """
 import argparse
 import json
@@ -47,14 +47,14 @@ def dev_accuracy(out: Path, dev: Path, max_length: int) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train-size", type=int, default=1000, help="SST-2 training examples (random subset)")
-    ap.add_argument("--dev-size", type=int, default=300, help="SST-2 dev examples scored (random subset)")
+    ap.add_argument("--dev-size", type=int, default=200, help="SST-2 dev examples scored (random subset)")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--split", default="dirichlet:0.5")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--local-steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--local-steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--max-length", type=int, default=40)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--top-layers", type=int, default=2, help="adapters on the top N blocks only")
     args = ap.parse_args()

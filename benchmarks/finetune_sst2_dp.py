@@ -6,7 +6,7 @@ DP-SGD through Opacus (Poisson sampling, per-example clipping, calibrated noise;
 2-core CPU, so accuracies are far below a full run's (the field's reference, Yu et al. 2022: RoBERTa-large MNLI 87.8 %
 at epsilon 6.7 vs 90.2 % without privacy, after full training on 393k examples).
 
-    flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD python benchmarks/finetune_sst2_dp.py
+    flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/finetune_sst2_dp.py
 """
 import argparse
 import json
@@ -40,17 +40,18 @@ def subset(src: Path, dst: Path, n: int, seed: int):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train-size", type=int, default=2000, help="SST-2 training examples used (random subset)")
-    ap.add_argument("--dev-size", type=int, default=300, help="SST-2 dev examples scored (random subset)")
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    ap.add_argument("--dev-size", type=int, default=200, help="SST-2 dev examples scored (random subset)")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     ap.add_argument("--batch-size", type=int, default=16, help="(expected, under Poisson sampling) batch size")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--max-length", type=int, default=40)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--top-layers", type=int, default=4, help="adapters on the top N blocks only")
     ap.add_argument("--epsilons", default="8,1", help="comma-separated target epsilons")
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no spinning OpenMP threads on a "
+                    "CPU shared with other jobs)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
