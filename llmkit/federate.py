@@ -419,7 +419,7 @@ def plot_rounds(rows: list[dict], path) -> None:
         a2 = a.twinx()
         a2.plot(r, [row["val_acc"] for row in rows], "s--", color="tab:green", label="global val accuracy")
         a2.set_ylabel("accuracy")
-        a2.legend(loc="upper right")
+        a2.legend(loc="lower right")
     a.set_xlabel("round")
     a.set_ylabel("loss")
     a.legend(loc="upper left")
@@ -435,6 +435,10 @@ def plot_rounds(rows: list[dict], path) -> None:
     b.set_xlabel("round")
     b.set_ylabel("local train loss (last step)")
     b.set_title("clients (red line: a client failed)")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if clients:
         b.legend(fontsize=8)
     fig.tight_layout()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -207,8 +208,8 @@ class DPTraining:
         if len(examples) < 2:
             raise ValueError("DP training needs at least two training examples")
         if dp.delta >= 1 / len(examples):
-            warnings.warn(f"--dp-delta {dp.delta:g} is not below 1 / {len(examples)} examples: such a delta allows "
-                          "leaking a whole example; use a smaller one", stacklevel=2)
+            print(f"warning: --dp-delta {dp.delta:g} is not below 1 / {len(examples)} examples: such a delta "
+                  "allows leaking a whole example; use a smaller one", file=sys.stderr)
         n_batches = -(-len(examples) // batch_size)  # Opacus' sample rate is 1 / len(data_loader)
         self.sample_rate = 1 / n_batches
         self.noise = noise_multiplier(dp, self.sample_rate, steps)  # fails here, before anything is written
