@@ -47,7 +47,7 @@ def dev_accuracy(out: Path, dev: Path, max_length: int) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train-size", type=int, default=1000, help="SST-2 training examples (random subset)")
-    ap.add_argument("--dev-size", type=int, default=200, help="SST-2 dev examples scored (random subset)")
+    ap.add_argument("--dev-size", type=int, default=150, help="SST-2 dev examples scored (random subset)")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--split", default="dirichlet:0.5")
     ap.add_argument("--rounds", type=int, default=2)

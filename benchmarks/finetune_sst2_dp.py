@@ -40,7 +40,7 @@ def subset(src: Path, dst: Path, n: int, seed: int):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train-size", type=int, default=2000, help="SST-2 training examples used (random subset)")
-    ap.add_argument("--dev-size", type=int, default=200, help="SST-2 dev examples scored (random subset)")
+    ap.add_argument("--dev-size", type=int, default=150, help="SST-2 dev examples scored (random subset)")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     ap.add_argument("--batch-size", type=int, default=16, help="(expected, under Poisson sampling) batch size")
     ap.add_argument("--lr", type=float, default=2e-3)
