@@ -514,7 +514,7 @@ def cmd_pretrain(args):
 
 
 def add_eval(sub):
-    p = sub.add_parser("eval", help="evaluate a model: perplexity, choice, generate, classify (JSON + markdown table)")
+    p = sub.add_parser("eval", help="evaluate a model: perplexity, choice, generate, classify, bias (JSON + tables)")
     esub = p.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
 
     def common(q, batch_size):
@@ -555,6 +555,7 @@ def add_eval(sub):
     q.add_argument("--text-field", default="text")
     q.add_argument("--label-field", default="label", help="label index or label name")
     q.set_defaults(handler=cmd_eval_classify)
+    importlib.import_module("llmkit.cli_private").add_eval_bias(esub)
 
 
 def _eval_finish(args, res):
@@ -696,6 +697,10 @@ def add_finetune(sub):
     from llmkit.cli_trust import add_clean_flags
 
     add_clean_flags(p.add_argument_group("cleaning (with --clean)"), with_io=False)
+    a("--dp-epsilon", type=float, default=None, help="train with DP-SGD (Opacus) to this epsilon (LoRA only)")
+    a("--dp-delta", type=float, default=1e-5, help="DP delta (default 1e-5; keep it below 1 / examples)")
+    a("--max-grad-norm", type=float, default=1.0, help="DP: per-example gradient clipping norm (default 1.0)")
+    a("--dp-accountant", choices=["prv", "rdp"], default="prv", help="DP: privacy accountant (default prv)")
 
 
 def cmd_finetune(args):
@@ -734,8 +739,13 @@ def cmd_finetune(args):
                      early_stopping=args.early_stopping,
                      seed=args.seed, device=_device(args), dtype=args.dtype or "auto", out=args.out,
                      resume=args.resume, progress=args.progress)
-    res = finetune(fc, tc, epochs=args.epochs)
-    keys = ("step", "train_loss", "val_loss", "val_acc", "val_accuracy", "val_macro_f1")
+    dp = None
+    if args.dp_epsilon is not None:
+        from llmkit.privacy import DPConfig
+
+        dp = DPConfig(args.dp_epsilon, args.dp_delta, args.max_grad_norm, args.dp_accountant)
+    res = finetune(fc, tc, epochs=args.epochs, dp=dp)
+    keys = ("step", "train_loss", "val_loss", "val_acc", "val_accuracy", "val_macro_f1", "epsilon")
     print(" ".join(f"{k} {res[k]:.4g}" if isinstance(res[k], float) else f"{k} {res[k]}" for k in keys if k in res))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
@@ -785,7 +795,7 @@ COMMANDS = ["generate", "chat", "info", "convert", "merge", "serve", "tokenizer"
             "finetune", "classify"]
 # commands that live in modules of their own (cli_<area>.py): each module has register(sub), whose parsers set
 # `handler=` with set_defaults; they import heavy libraries inside their handlers, so `llmkit --help` stays fast
-COMMAND_MODULES: list[str] = ["llmkit.cli_trust", "llmkit.cli_compress"]
+COMMAND_MODULES: list[str] = ["llmkit.cli_trust", "llmkit.cli_compress", "llmkit.cli_private"]
 
 
 def build_parser():

@@ -429,10 +429,11 @@ def prepare(fc: FinetuneConfig):
                 extra=extra, truncated=cut)
 
 
-def finetune(fc: FinetuneConfig, tc, epochs: float | None = None):
+def finetune(fc: FinetuneConfig, tc, epochs: float | None = None, dp=None):
     """Fine-tune per `fc` with train.py's loop configured by `tc` (a TrainConfig); returns the final metrics.
 
     tc.max_steps <= 0 means `epochs` passes over the data (default 1); tc.warmup_steps < 0 means 3% of the steps.
+    dp (a privacy.DPConfig) trains with DP-SGD; the epsilon spent is logged, returned and kept in run_config.json.
     """
     from llmkit.checkpoint import save_model
     from llmkit.train import train
@@ -440,6 +441,12 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None):
     out = Path(fc.out)
     if not tc.resume and out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty: pass --resume to continue that run, or a new --out")
+    if dp is not None:
+        from llmkit import privacy
+
+        dp.check()
+        privacy.check_compatible(method=fc.method, grad_accum=tc.grad_accum, resume=tc.resume, compile=tc.compile,
+                                 fsdp=tc.fsdp)
     p = prepare(fc)
     lm, model, tok = p["lm"], p["lm"].model, p["lm"].tokenizer
     pad = _pad_id(tok, model.config)
@@ -464,10 +471,31 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None):
     tc.eval_steps = max(tc.eval_steps, len(val_data))  # the whole validation set, every time
     run = {"finetune": {**fc.__dict__, "task": p["task"], "n_train": len(p["train"]), "n_val": len(p["val"]),
                         "truncated": p["truncated"]}}
-    result = train(model, train_data, loss, tc, val_data=val_data, save_fn=save_fn, run_config=run)
+    wrap = None
+    if dp is not None:  # DP-SGD: per-example losses, Opacus clips per example (the loop's global clip is off)
+        wrap = privacy.DPTraining(dp, p["train"], lambda ex: collate(ex, pad), fc.batch_size, tc.max_steps)
+        loss = privacy.classify_loss if p["task"] == "classify" else privacy.clm_loss
+        tc.grad_clip = 0.0
+        run["dp"] = wrap.summary()
+    result = train(model, train_data, loss, tc, val_data=val_data, save_fn=save_fn, run_config=run, wrap=wrap)
+    if dp is not None:
+        privacy.undo_dp_ready(model)
+        _record_dp(out, wrap.summary(), result)
     if p["task"] == "classify":
         result.update(report_classification(model, tok, p["val_texts"], p["val_golds"], fc.max_length, out))
     return result
+
+
+def _record_dp(out: Path, summary: dict, result: dict):
+    from llmkit.checkpoint import write_json
+
+    result["epsilon"] = summary["epsilon_spent"]
+    cfg_path = out / "run_config.json"
+    if cfg_path.is_file():
+        write_json(cfg_path, {**json.loads(cfg_path.read_text()), "dp": summary})
+    print(f"differential privacy: spent epsilon {summary['epsilon_spent']:.3f} (target {summary['target_epsilon']:g})"
+          f" at delta {summary['delta']:g} over {summary['steps']} steps, noise multiplier "
+          f"{summary['noise_multiplier']:.3f}, max grad norm {summary['max_grad_norm']:g}", file=sys.stderr)
 
 
 def report_classification(model, tok, texts, golds, max_length, out: Path | None = None) -> dict:

@@ -216,11 +216,14 @@ def evaluate(model, data, loss_fn, steps: int, amp: torch.dtype | None, device: 
 
 
 def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfig, val_data=None,
-          save_fn: Callable | None = None, sample_fn: Callable | None = None, run_config: dict | None = None) -> dict:
+          save_fn: Callable | None = None, sample_fn: Callable | None = None, run_config: dict | None = None,
+          wrap: Callable | None = None) -> dict:
     """Train model in place; returns the last logged metrics (with val_* after the final evaluation).
 
     train_data yields batches (dicts of tensors) forever and has state_dict()/load_state_dict() for resuming;
     val_data is re-iterable from the start. save_fn(dir, model) writes a model folder; sample_fn(model) -> str.
+    wrap(model, optimizer, train_data) -> (model, optimizer, train_data, metrics_fn) replaces the three before the
+    first step (DP-SGD: privacy.DPTraining); metrics_fn() -> dict joins every evaluation row.
     """
     rank, world, device = setup_distributed(cfg.device)
     is_main = rank == 0
@@ -268,6 +271,9 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
 
     step, tokens, best, best_step, elapsed = 0, 0, math.inf, None, 0.0
     torch.manual_seed(cfg.seed + rank)  # dropout; model init was seeded by the caller
+    wrap_metrics = None
+    if wrap is not None:
+        fwd, optimizer, train_data, wrap_metrics = wrap(fwd, optimizer, train_data)
     if state is not None:
         if cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -410,6 +416,8 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
             if ev["val_loss"] < best:
                 best, best_step = ev["val_loss"], step
             last.update({k: round(v, 6) for k, v in ev.items()})
+            if wrap_metrics is not None:
+                last.update(wrap_metrics())
             if sample_fn is not None:  # on every rank: an FSDP forward needs them all
                 last["sample"] = sample_fn(raw)
             msg = " ".join(f"{k} {v:.4f}" for k, v in ev.items())

@@ -1,0 +1,113 @@
+"""Federated LoRA fine-tuning on Flower: data splits, a local run (server + client processes on loopback) in which a
+client dies mid-round, and bad input."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from llmkit.checkpoint import load_model, save_model
+from llmkit.cli import main
+from llmkit.config import preset
+from llmkit.federate import FAIL_ENV, split_shards
+from llmkit.model import Transformer
+from llmkit.tokenizer import Tokenizer
+
+DATA = Path(__file__).parent / "data"
+SST = DATA / "sst_train_30.tsv"
+
+
+@pytest.mark.parametrize("n, k", [(30, 4), (7, 7), (100, 3)])
+def test_iid_split_is_a_partition_of_near_equal_shards(n, k):
+    shards = split_shards(n, k, "iid", seed=1)
+    assert sorted(i for s in shards for i in s) == list(range(n))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dirichlet_split_is_a_partition_skewed_by_label(seed):
+    labels = np.random.default_rng(seed).integers(0, 2, 400).tolist()
+    skewed = split_shards(400, 4, "dirichlet:0.1", labels, seed)
+    assert sorted(i for s in skewed for i in s) == list(range(400)) and min(map(len, skewed)) > 0
+    even = split_shards(400, 4, "iid", labels, seed)
+
+    def majority(shards):  # mean share of each shard's most common label
+        return np.mean([max(np.bincount([labels[i] for i in s], minlength=2)) / len(s) for s in shards])
+    assert majority(skewed) > majority(even) + 0.1
+    assert split_shards(400, 4, "dirichlet:0.1", labels, seed) == skewed  # seeded: every party computes the same
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(SST.read_text().splitlines(), trainer)
+    tok = Tokenizer(hf, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+                    unk_token="<|endoftext|>", add_bos_token=False)
+    torch.manual_seed(0)
+    model = Transformer(preset("llama-tiny", vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                               n_layer=2))
+    out = tmp_path_factory.mktemp("base")
+    save_model(out, model, tok)
+    return out
+
+
+def test_local_federation_survives_a_dying_client(base, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "fed"
+    monkeypatch.setenv(FAIL_ENV, "1:2")  # client 1 exits in the middle of round 2
+    rc = main(["federate", "--model", str(base), "--data", str(SST), "--clients", "3", "--rounds", "3",
+               "--local-steps", "1", "--batch-size", "4", "--split", "dirichlet:0.5", "--strategy", "fedprox",
+               "--mu", "0.1", "--lora-r", "4", "--out", str(out), "--connect-timeout", "120"])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert all("val_loss" in r and "val_acc" in r for r in rows)  # the server evaluates every round
+    assert rows[1]["clients_ok"] == 3 and rows[1]["clients_failed"] == 0
+    assert rows[2]["clients_ok"] == 2 and rows[2]["clients_failed"] == 1 and "failures" in rows[2]
+    assert set(rows[2]["client_train_loss"]) == {"0", "2"}
+    assert rows[3]["clients_sampled"] == 2  # the dead client is gone; the run went on without it
+    assert "1 client(s) failed" in stderr and "client_failures 1" in stdout
+    # only the adapter travels: bytes per client are the LoRA + head tensors (float32 + .npy headers), not the model
+    lm = load_model(out)  # the final global adapter is an ordinary PEFT adapter folder
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert any(".lora_A." in k for k in tensors) and any(k.endswith("score.weight") for k in tensors)
+    adapter = sum(t.numel() for t in tensors.values())
+    per_client = rows[1]["bytes_sent"] / rows[1]["clients_sampled"]
+    assert 4 * adapter <= per_client <= 4 * adapter + 200 * len(tensors)
+    assert per_client < 0.2 * 4 * lm.model.num_params()
+    assert lm.config.num_labels == 2
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+    assert sum(json.loads((out / "run_config.json").read_text())["federate"]["shard_sizes"]) == 27
+    assert (out / "federate.png").read_bytes()[:4] == b"\x89PNG"
+    assert "exiting in round 2" in (out / "client-logs" / "client-1.log").read_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--clients", "40"], "more than the 27 training examples"),
+    (["--split", "dirichlet:abc"], "--split must be iid or dirichlet"),
+    (["--split", "dirichlet:0"], "--split must be iid or dirichlet"),
+    (["--fraction-fit", "0"], "--fraction-fit"),
+    (["--rounds", "0"], "--rounds"),
+    (["--data", str(DATA / "tinyshakespeare_head.txt"), "--split", "dirichlet:0.5"], "needs class labels"),
+])
+def test_bad_input_exits_2_and_writes_nothing(base, tmp_path, capsys, flags, message):
+    out = tmp_path / "fed"
+    rc = main(["federate", "--model", str(base), "--data", str(SST), "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+def test_client_role_needs_a_server(base, capsys):
+    rc = main(["federate", "--role", "client", "--model", str(base), "--data", str(SST)])
+    assert rc == 2 and "--server" in capsys.readouterr().err
