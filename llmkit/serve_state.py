@@ -144,6 +144,8 @@ class ServerState:
                 for r in list(old.running.values()) + list(old.waiting):
                     if r.finish_reason is None and not r.cancelled:
                         r.emit(("error", "the scheduler thread died; retry the request"))
+                for rid in list(old.running):  # their KV blocks go back to the engine's pool, which outlives it
+                    old.core.cancel(rid)
                 m.scheduler = self._scheduler(m.engine)
                 self.http.count("restart")
         return dead

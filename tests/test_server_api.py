@@ -288,7 +288,7 @@ def test_dead_scheduler_thread_is_reported_and_restarted(tiny):
         def die():
             raise Boom()
 
-        old._decode = die
+        old.core.step = die
         r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 5}, timeout=30)
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
         health = [httpx.get(srv.url + "/health").status_code for _ in range(2)]
