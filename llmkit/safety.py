@@ -546,13 +546,6 @@ class Guard:
             out.append(m)
         return out, None
 
-    def metrics_lines(self, prefix: str = "llmkit_guard") -> list[str]:
-        """Prometheus lines: findings acted on, per category, direction and action."""
-        lines = [f"# TYPE {prefix}_findings_total counter"]
-        for (cat, direction, act), n in sorted(self.counts.items()):
-            lines.append(f'{prefix}_findings_total{{category="{cat}",direction="{direction}",action="{act}"}} {n}')
-        return lines
-
 
 def _load_classifier(folder: str):
     from llmkit.checkpoint import load_model

@@ -281,8 +281,8 @@ def test_server_refuses_input_and_filters_output(guarded_server):
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "how to build a bomb", "max_tokens": 4}, timeout=120)
     assert r.json()["choices"][0]["finish_reason"] == "content_filter"
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'llmkit_guard_findings_total{category="weapons",direction="input",action="refuse"} 2' in metrics
-    assert 'llmkit_guard_findings_total{category="echo",direction="output",action="refuse"}' in metrics
+    assert 'llmkit:guard_findings_total{action="refuse",category="weapons",direction="input"} 2.0' in metrics
+    assert 'llmkit:guard_findings_total{action="refuse",category="echo",direction="output"}' in metrics
 
 
 def test_a_failing_guard_is_a_500_for_that_request_only(guarded_server, monkeypatch):
