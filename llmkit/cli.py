@@ -293,6 +293,8 @@ def add_serve(sub):
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="most new tokens one request may ask for")
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
                    "(repeatable)")
+    p.add_argument("--embedding-pooling", default="auto", choices=["auto", "mean", "last", "cls"],
+                   help="/v1/embeddings pooling (auto: cls for BERT-style encoders, mean otherwise)")
 
 
 def serve_config(args):
@@ -318,6 +320,7 @@ def serve_config(args):
     return ServeConfig(models=models, host=args.host, port=args.port, api_key=args.api_key,
                        api_key_file=args.api_key_file, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, cors_origins=args.cors_origin,
+                       embedding_pooling=args.embedding_pooling,
                        dtype=args.dtype, device=_device(args))
 
 
