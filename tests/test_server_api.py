@@ -254,6 +254,8 @@ def test_chunked_body_over_the_limit_gets_413(tiny):
         ok = httpx.post(srv.url + "/v1/chat/completions", content=chunks(5, 20),
                         headers={"content-type": "application/json"}, timeout=30)
         assert ok.status_code == 200
+        huge = httpx.post(srv.url + "/v1/completions", json={"prompt": ["a"] * 64, "n": 2, "max_tokens": 1})
+        assert huge.status_code == 400 and "rows" in huge.json()["error"]["message"]  # never fits: not a 429
     finally:
         srv.stop()
 
