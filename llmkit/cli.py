@@ -346,6 +346,8 @@ def add_serve(sub):
                    "(repeatable)")
     p.add_argument("--guard", default=None, metavar="POLICY.yaml", help="check inputs and guard outputs with this "
                    "policy; refusals end with finish_reason content_filter")
+    p.add_argument("--embedding-pooling", default="auto", choices=["auto", "mean", "last", "cls"],
+                   help="/v1/embeddings pooling (auto: cls for BERT-style encoders, mean otherwise)")
 
 
 def serve_config(args):
@@ -378,7 +380,8 @@ def serve_config(args):
     return ServeConfig(models=models, host=args.host, port=args.port, api_key=args.api_key,
                        api_key_file=args.api_key_file, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, cors_origins=args.cors_origin,
-                       dtype=args.dtype, device=_device(args), kv_cache_mb=args.kv_cache_mb, guard=args.guard)
+                       embedding_pooling=args.embedding_pooling, dtype=args.dtype, device=_device(args),
+                       kv_cache_mb=args.kv_cache_mb, guard=args.guard)
 
 
 def cmd_serve(args):

@@ -73,6 +73,9 @@ def row_processors(constraint: Constraint | None, rows: int) -> list[list]:
 
 def submit(m: Served, prompts: list[list[int]], kw: dict, max_new: int, n: int, processors: list[list], **extra):
     """Queue n rows per prompt (row i gets processors[i]); returns (requests, queue of (row index, event))."""
+    rows, room = len(prompts) * n, m.scheduler.max_batch + m.scheduler.max_queue
+    if rows > room:  # could never fit, however long the client waits: not a 429
+        raise APIError(400, f"{rows} rows (prompts x n) exceed what this server holds at once ({room})", "n")
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
     reqs = []
     for p in prompts:

@@ -99,7 +99,7 @@ def test_bad_schemas_and_bias_are_value_errors(tok):
 
 
 def test_generate_json_schema_cli(tok, tmp_path):
-    """`llmkit generate --json-schema FILE`: output validates, even when --max-new-tokens cuts it; errors are one line."""
+    """`llmkit generate --json-schema FILE`: output validates, also when the budget cuts it; errors are one line."""
     import os
     import subprocess
     import sys

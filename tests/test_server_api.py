@@ -254,6 +254,8 @@ def test_chunked_body_over_the_limit_gets_413(tiny):
         ok = httpx.post(srv.url + "/v1/chat/completions", content=chunks(5, 20),
                         headers={"content-type": "application/json"}, timeout=30)
         assert ok.status_code == 200
+        huge = httpx.post(srv.url + "/v1/completions", json={"prompt": ["a"] * 64, "n": 2, "max_tokens": 1})
+        assert huge.status_code == 400 and "rows" in huge.json()["error"]["message"]  # never fits: not a 429
     finally:
         srv.stop()
 
@@ -365,3 +367,43 @@ def test_extreme_legal_values_fail_no_one(server):
         assert r.status_code == 200, (extra, r.text)
     t.join(60)
     assert innocent["lines"][-1] == "data: [DONE]" and not any('"error"' in ln for ln in innocent["lines"])
+
+
+QWEN_LIKE = (  # the tool parts of Qwen2.5's template
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools>"
+    "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% for c in m.get('tool_calls', []) %}<tool_call>\n{\"name\": \"{{ c['function']['name'] }}\", \"arguments\": "
+    "{{ c['function']['arguments'] | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_tools_rendered_by_a_template_that_knows_them_or_generically(tiny):
+    from llmkit import tools as toolcalls
+
+    tok = tiny.tokenizer
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    msgs, extra = toolcalls.render_messages(history, [WEATHER], native=True)
+    text = _render(tok, QWEN_LIKE, msgs, extra)
+    assert '"name": "get_weather"' in text and '{"city": "Paris", "unit": "celsius"}' in text
+    assert "<tools>" in text and "<|im_start|>tool\n21 C" in text
+    generic, extra = toolcalls.render_messages(history, [WEATHER], native=False)
+    assert extra == {} and generic[0]["role"] == "system" and "get_weather" in generic[0]["content"]
+    assert generic[2]["content"].startswith("<tool_call>\n") and generic[3] == {
+        "role": "user", "content": "<tool_response>\n21 C\n</tool_response>"}
+    content, calls = toolcalls.parse_calls(generic[2]["content"])
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris", "unit": "celsius"}
+
+
+def _render(tok, template, msgs, extra):
+    from llmkit.tools import template_supports_tools
+
+    old = tok.chat_template
+    tok.chat_template = template
+    try:
+        assert template_supports_tools(tok)
+        return tok.apply_chat_template(msgs, add_generation_prompt=True, **extra)
+    finally:
+        tok.chat_template = old
