@@ -97,7 +97,7 @@ class QuantLinear(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        y = self._mm(x2.to(self.act_dtype)).to(x.dtype)
+        y = self._mm(x2.to(self.act_dtype).contiguous()).to(x.dtype)  # the kernels read x as contiguous
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -117,8 +117,10 @@ class Int8Linear(QuantLinear):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias=None):
         super().__init__(qweight.shape[1], qweight.shape[0], bias)
         self.act_dtype = kernel_act_dtype(qweight.device.type)
-        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
-        self.register_buffer("kscales", scales.to(self.act_dtype).contiguous())  # the kernel wants x's dtype
+        # fresh, aligned copies: tensors straight from a safetensors file may sit at any byte offset, and the
+        # kernel's vector loads crash on those
+        self.register_buffer("qweight", qweight.to(torch.int8).clone(memory_format=torch.contiguous_format))
+        self.register_buffer("kscales", scales.to(self.act_dtype).clone())  # the kernel wants x's dtype
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias=None):
