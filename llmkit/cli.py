@@ -222,7 +222,8 @@ def add_convert(sub):
                    help="output format (llmkit's folder is HF's layout; gguf writes one llama.cpp file, OUT)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the saved weights")
-    p.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (with --to gguf)")
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_0", "q4_1"],
+                   help="GGUF weight type (with --to gguf; q4_*: embedding in q8_0, as llama.cpp does)")
 
 
 def cmd_convert(args):

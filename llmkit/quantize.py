@@ -581,6 +581,11 @@ def _install(parent, prefix, members, quant, device):
     for n in names:
         del quant[n]
     parts = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in p.items()} for p in parts]
+    if any(method_of(p) == "int4" and int4_fits(p["qweight"].shape[0], p["qweight"].shape[1] * 2,
+                                                   group_size_of(p)) for p in parts):
+        warnings.warn(f"{', '.join(names)}: the int4 kernel cannot take these shapes "
+                      f"({parts[0]['qweight'].shape[0]} rows); they run int8", stacklevel=3)
+        parts = [_portable_int4_to_int8(p) if method_of(p) == "int4" else p for p in parts]
     methods = {method_of(p) for p in parts}
     sizes = {group_size_of(p) for p in parts}
     if len(methods) == 1 and len(sizes) == 1:
@@ -588,3 +593,12 @@ def _install(parent, prefix, members, quant, device):
     else:  # mixed formats (e.g. a GGUF with Q8_0 and Q4_1 in one group): separate layers, no fused kernel call
         for m, p in zip(members, parts):
             setattr(parent, m, make_layer(method_of(p), p, group_size_of(p)))
+
+
+def _portable_int4_to_int8(p: dict) -> dict:
+    g = group_size_of(p)
+    q = unpack_nibbles(p["qweight"]).float()
+    n = q.shape[0]
+    w = (q.view(n, -1, g) - 8) * p["scales"][..., None] + p["zeros"][..., None]
+    out = Int8Linear.from_float(w.view(n, -1)).export()
+    return out | ({"bias": p["bias"]} if "bias" in p else {})

@@ -287,8 +287,7 @@ def test_dtype_auto_times_once_and_caches(tiny, tmp_path, monkeypatch):
     assert r.returncode == 0 and f"dtype auto       {entry['choice']} (one decode step" in r.stdout, r.stdout
 
 
-def test_default_model_runs_in_the_precision_it_ships_in(tmp_path, monkeypatch):
-    monkeypatch.setenv("LLMKIT_HOME", str(tmp_path))
+def test_default_model_runs_in_the_precision_it_ships_in():
     lm = load_model("default", dtype="int4")
     m = lm.model
     assert m.layers[0].self_attn.qfused.method == "int4" and m.layers[0].mlp.down_proj.group_size == 32
@@ -298,3 +297,22 @@ def test_default_model_runs_in_the_precision_it_ships_in(tmp_path, monkeypatch):
         [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0,
                                                                                          max_new_tokens=12))
     assert "Paris" in out.text
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q4_1"])
+def test_gguf_q4_export_reads_back_in_gguf_and_llmkit(tiny, tmp_path, quant):
+    path = tmp_path / f"tiny.{quant}.gguf"
+    assert main(["convert", str(tiny), str(path), "--to", "gguf", "--quant", quant]) == 0
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == quant.upper() and types["token_embd.weight"] == "Q8_0"
+    ref = load_model(tiny, dtype="float32").model
+    native = load_gguf(path, native=True).model  # Q4 blocks straight into int4, Q8_0 into int8
+    assert native.layers[0].self_attn.qfused.method == "int4" and native.lm_head.method == "int8"
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    want = dequantize(t.data, t.tensor_type).reshape(native.layers[0].mlp.down_proj.out_features, -1)
+    got = native.layers[0].mlp.down_proj.dequantize()
+    assert torch.allclose(got, torch.from_numpy(want.astype(np.float32)), atol=2 ** -8 * 16 * float(abs(want).max()))
+    with torch.no_grad():
+        assert _rel(native(IDS), ref(IDS)) < 0.2
+        assert _rel(load_gguf(path).model(IDS), native(IDS)) < 0.05  # float import of the same file
