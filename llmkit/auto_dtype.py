@@ -76,6 +76,9 @@ def candidates(path) -> list[str]:
 
     p = Path(path)
     if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return ["float32"]  # not a model: loading says so
         try:
             kinds = {t.tensor_type.name for t in gguf.GGUFReader(str(p)).tensors if len(t.shape) == 2}
         except Exception as e:

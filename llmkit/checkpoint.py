@@ -461,6 +461,7 @@ def _build_quantized_folder(p: Path, cfg: ModelConfig, qc: dict, sd: dict, devic
     if not isinstance(qc, dict) or qc.get("quant_method") not in ("llmkit", "gguf"):
         raise ValueError(f"{p / 'config.json'}: quantization_config {qc!r} is not llmkit's (int8/int4)")
     float_sd, quant = quantize.split_state_dict(sd)
+    sd.clear()  # each layer's file tensors are freed once it is built: peak memory ~ the model, not model + file
     if not quant:
         raise ValueError(f"{p} says it is quantized but holds no quantized tensors (corrupt folder?)")
     try:

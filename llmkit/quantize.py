@@ -531,11 +531,10 @@ def quantized_state_dict(model) -> dict:
 
 
 def build_quantized(cfg, float_sd: dict, quant: dict, device="cpu"):
-    """A Transformer from float tensors and quantized layers' portable tensors ({module name: tensors})."""
+    """A Transformer from float tensors and quantized layers' portable tensors ({module name: tensors}, emptied)."""
     from llmkit.model import Transformer, rope_cache
 
-    quant = dict(quant)
-    model = Transformer(cfg, device="meta")
+    model = Transformer(cfg, device="meta")  # quant's entries are taken out as layers are built (memory)
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
