@@ -78,7 +78,7 @@ def main():
                "all_within_budget": all(rows[n]["within_budget"] for n in BUDGET),
                "command": " ".join(["python"] + sys.argv)}
     write_results(args.out, results)
-    print(f"\n| format | WikiText-2 ppl | vs float32 | budget | HellaSwag acc_norm | weights MB |")
+    print("\n| format | WikiText-2 ppl | vs float32 | budget | HellaSwag acc_norm | weights MB |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['wikitext_ppl']:.3f} | {r.get('ppl_vs_float32', 0):+.2%} | "

@@ -140,8 +140,13 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="best of N alternating rounds")
     ap.add_argument("--llamacpp", default=None, help="llamacpp-bench folder with node_modules installed")
+    ap.add_argument("--threads", type=int, default=None, help="threads for llmkit and llama.cpp alike (default: "
+                    "torch's); 1 is fairer on a machine other jobs load (spinning thread pools stall there)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate_speed.json"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the `llmkit chat` processes too
 
     from llmkit.checkpoint import default_gguf_path, load_model
     from llmkit.engine import Engine
@@ -177,10 +182,10 @@ def main():
     if llamacpp:
         lc_best = max(lc_runs, key=lambda r: r["best_by_decode_tok_s"]["decode_tok_s"])
         lc = lc_best["best_by_decode_tok_s"]
-        results["llamacpp"] = {"decode_tok_s": round(max(r["best_by_decode_tok_s"]["decode_tok_s"] for r in lc_runs), 2),
-                               "peak_rss_mb": lc.get("peak_rss_mb_vmhwm"), "load_s": lc_best.get("load_s"),
+        results["llamacpp"] = {"decode_tok_s": round(lc["decode_tok_s"], 2),
+                               "peak_rss_mb": lc_best.get("peak_rss_mb_vmhwm"), "load_s": lc_best.get("load_s"),
                                "load_to_first_token_s": round(lc_best.get("load_s", 0) + lc.get("prefill_s", 0), 3),
-                               "prompt_tokens": lc_best.get("prompt_tokens"), "version": "node-llama-cpp 3.22.1"}
+                               "prompt_tokens": lc.get("prompt_tokens"), "version": "node-llama-cpp 3.22.1 (v0.5.0)"}
         results["decode_vs_llamacpp"] = round(results["llmkit_decode_tok_s"] / results["llamacpp"]["decode_tok_s"], 2)
     else:
         results["llamacpp"] = None

@@ -1,4 +1,4 @@
-"""`llmkit quantize`: weight-only int8/int4 quantization of a model into a new model folder, with a before/after report."""
+"""`llmkit quantize`: weight-only int8/int4 quantization into a new model folder, with a before/after report."""
 from __future__ import annotations
 
 import json

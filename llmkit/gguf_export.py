@@ -108,7 +108,7 @@ def _add_tokenizer(w, tok, cfg: ModelConfig):
 
 
 def export_gguf(lm: LoadedModel, out_path, quant: str = "f16", name: str | None = None) -> Path:
-    """Write `lm` as a GGUF file (F16, Q8_0, Q4_0 or Q4_1 weights, F32 norms) with its tokenizer and template; atomic."""
+    """Write `lm` as a GGUF file (F16/Q8_0/Q4_0/Q4_1 weights, F32 norms) with its tokenizer and template; atomic."""
     import gguf
     from gguf.quants import quantize
 
