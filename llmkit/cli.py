@@ -16,11 +16,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16", "int8", "int4"]
+
+
 def _model_flags(p):
     p.add_argument("--model", default="default", help="model folder, .gguf file, adapter folder, or 'default' "
                    "(SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="weights: auto (default: the fastest format that keeps the model's quality, timed once on "
+                   "this machine and cached; see `llmkit info`), float32, bfloat16, float16, int8, int4")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
@@ -249,17 +253,39 @@ def cmd_info(args):
     cfg, m = lm.config, lm.model
     p = Path(lm.path)
     size = sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else p.stat().st_size
-    dtype = next(m.parameters()).dtype
+    qc = getattr(m, "quantization_config", None)
+    dtype = qc.get("method", "quantized") if qc else str(next(m.parameters()).dtype).split(".")[-1]
+    n = m.num_params() + sum(q.in_features * q.out_features for q in {id(x): x for x in m.modules()
+                                                                       if hasattr(x, "method")}.values()
+                             if type(q).__name__ != "RowSlice")
     rows = [("path", lm.path), ("family", cfg.family), ("architecture", _arch(cfg)),
-            ("parameters", f"{m.num_params():,} ({m.num_params() / 1e6:.1f} M)"), ("dtype", str(dtype).split(".")[-1]),
+            ("parameters", f"{n:,} ({n / 1e6:.1f} M)"), ("dtype", dtype),
             ("context length", cfg.max_position_embeddings), ("layers", cfg.n_layer),
             ("heads / kv heads", f"{cfg.n_head} / {cfg.n_kv_head}"), ("hidden size", cfg.n_embd),
             ("vocabulary", cfg.vocab_size), ("size on disk", f"{size / 2**20:.1f} MiB"),
             ("chat template", "yes" if lm.tokenizer is not None and getattr(lm.tokenizer, "chat_template", None)
              else "no")]
+    rows += _auto_rows(args)
     for k, v in rows:
         print(f"{k:<16} {v}")
     return 0
+
+
+def _auto_rows(args):
+    from pathlib import Path
+
+    from llmkit import auto_dtype
+    from llmkit.checkpoint import default_gguf_path
+
+    path = default_gguf_path() if args.model == "default" else Path(args.model)
+    entry = auto_dtype.cached(args.model, path, _device(args))
+    cands = auto_dtype.candidates(path)
+    if entry is None and len(cands) == 1:
+        return [("dtype auto", f"{cands[0]} (the model's own format, nothing to time)")]
+    if entry is None:
+        return [("dtype auto", "not timed yet on this machine (the first load with --dtype auto times it)")]
+    times = ", ".join(f"{k} {v} ms" for k, v in entry["step_ms"].items())
+    return [("dtype auto", f"{entry['choice']} (one decode step: {times}; timed {entry['when']})")]
 
 
 def _arch(cfg):
@@ -276,7 +302,8 @@ def add_convert(sub):
                    help="output format (llmkit's folder is HF's layout; gguf writes one llama.cpp file, OUT)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the saved weights")
-    p.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (with --to gguf)")
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_0", "q4_1"],
+                   help="GGUF weight type (with --to gguf; q4_*: embedding in q8_0, as llama.cpp does)")
 
 
 def cmd_convert(args):
@@ -328,7 +355,7 @@ def add_serve(sub):
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching, and a web chat at /")
     p.add_argument("--model", action="append", default=None, help="model to serve: 'default', a folder, a .gguf, "
                    "or NAME=PATH; repeat to serve several by name (default: default)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights (see generate --help)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -798,7 +825,7 @@ COMMANDS = ["generate", "chat", "info", "convert", "merge", "serve", "tokenizer"
             "finetune", "classify"]
 # commands that live in modules of their own (cli_<area>.py): each module has register(sub), whose parsers set
 # `handler=` with set_defaults; they import heavy libraries inside their handlers, so `llmkit --help` stays fast
-COMMAND_MODULES: list[str] = ["llmkit.cli_trust", "llmkit.cli_compress", "llmkit.cli_private"]
+COMMAND_MODULES: list[str] = ["llmkit.cli_quantize", "llmkit.cli_trust", "llmkit.cli_compress", "llmkit.cli_private"]
 
 
 def build_parser():

@@ -1,8 +1,9 @@
-"""Export a Llama-family model folder to a llama.cpp GGUF file (F16 or Q8_0) with the `gguf` package's GGUFWriter.
+"""Export a Llama-family model folder to a llama.cpp GGUF file (F16, Q8_0, Q4_0, Q4_1) with the `gguf` package.
 
 Follows llama.cpp's convert_hf_to_gguf.py: the same metadata keys, tensor names, q/k row permutation (llama.cpp
 rotates interleaved pairs, transformers rotates split halves), tokenizer vocabulary, merges and chat template.
-Norms stay F32, as llama.cpp keeps 1-D tensors.
+Norms stay F32, as llama.cpp keeps 1-D tensors; with Q4_0/Q4_1 the token embedding is Q8_0, as in llama.cpp's own Q4
+files (the default model's too). A quantized llmkit folder is dequantized first (cli convert loads it as float32).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from llmkit.config import ModelConfig
 from llmkit.names import GGUF, rename
 from llmkit.tokenizer import shared_mode
 
-QUANTS = ("f16", "q8_0")
+QUANTS = ("f16", "q8_0", "q4_0", "q4_1")
 
 _TO_GGUF = [(ours, theirs) for theirs, ours in GGUF]  # the import table, read the other way
 
@@ -109,7 +110,7 @@ def _add_tokenizer(w, tok, cfg: ModelConfig):
 
 
 def export_gguf(lm: LoadedModel, out_path, quant: str = "f16", name: str | None = None) -> Path:
-    """Write `lm` as a GGUF file (F16 or Q8_0 weights, F32 norms) with its tokenizer and chat template; atomic."""
+    """Write `lm` as a GGUF file (F16/Q8_0/Q4_0/Q4_1 weights, F32 norms) with its tokenizer and template; atomic."""
     import gguf
     from gguf.quants import quantize
 
@@ -122,7 +123,9 @@ def export_gguf(lm: LoadedModel, out_path, quant: str = "f16", name: str | None 
         raise ValueError(f"{lm.path} has no tokenizer; a GGUF file must carry one")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    qtype = gguf.GGMLQuantizationType.Q8_0 if quant == "q8_0" else gguf.GGMLQuantizationType.F16
+    qtype = gguf.GGMLQuantizationType[quant.upper()]
+    ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[quant]
 
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
@@ -142,7 +145,7 @@ def export_gguf(lm: LoadedModel, out_path, quant: str = "f16", name: str | None 
         if cfg.head_dim != cfg.n_embd // cfg.n_head:
             w.add_key_length(cfg.head_dim)
             w.add_value_length(cfg.head_dim)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+        w.add_file_type(ftype)
         _add_tokenizer(w, lm.tokenizer, cfg)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -158,8 +161,9 @@ def export_gguf(lm: LoadedModel, out_path, quant: str = "f16", name: str | None 
             data = v.numpy()
             if data.ndim == 1:  # norms (and biases) stay F32, as llama.cpp keeps them
                 w.add_tensor(gguf_name(k), data.astype(np.float32))
-            elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32 == 0:
-                w.add_tensor(gguf_name(k), quantize(data, qtype), raw_dtype=qtype)
+            elif qtype != gguf.GGMLQuantizationType.F16 and data.shape[-1] % 32 == 0:
+                t = gguf.GGMLQuantizationType.Q8_0 if k == "embed_tokens.weight" else qtype
+                w.add_tensor(gguf_name(k), quantize(data, t), raw_dtype=t)
             else:  # F16 (also for rows that Q8_0's 32-wide blocks do not divide)
                 w.add_tensor(gguf_name(k), data.astype(np.float16))
         w.write_header_to_file()

@@ -124,21 +124,28 @@ def fused_linear(x, w, b=None):
 
 
 def _fuse(linears: list[nn.Linear]):
-    """One weight (and bias) buffer holding the linears' rows; their parameters become views of it."""
+    """One weight (and bias) buffer holding the linears' rows; their parameters' data become views of it.
+
+    The Parameter objects stay the same (only their .data moves), so an optimizer built before the fusion still
+    holds the model's parameters, and training writes into the fused buffer that decoding reads.
+    """
     w = torch.cat([m.weight.detach() for m in linears])
     b = torch.cat([m.bias.detach() for m in linears]) if linears[0].bias is not None else None
     start = 0
     for m in linears:
         n = m.weight.shape[0]
-        m.weight = nn.Parameter(w[start:start + n], requires_grad=m.weight.requires_grad)
+        m.weight.data = w[start:start + n]
         if b is not None:
-            m.bias = nn.Parameter(b[start:start + n], requires_grad=m.bias.requires_grad)
+            m.bias.data = b[start:start + n]
         start += n
     return w, b
 
 
 def _still_fused(fused, linears) -> bool:
-    # False once a parameter was replaced (model.to(), load_state_dict(assign=True), LoRA wrapping ...)
+    # False once a parameter was replaced (model.to(), load_state_dict(assign=True), LoRA wrapping ...); the fused
+    # buffer is no Parameter, so with gradients on (training) the separate layers run and gradients reach them
+    if torch.is_grad_enabled():
+        return False
     w = fused[0]
     return all(type(m) is nn.Linear and m.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
                for m in linears)
@@ -168,8 +175,10 @@ class Attention(nn.Module):
         H, Hkv = cfg.n_head, cfg.n_kv_head
         fused = getattr(self, "fused", None)
         linears = (self.q_proj, self.k_proj, self.v_proj)
-        if fused is not None and (torch.compiler.is_compiling() or _still_fused(fused, linears)):
-            qkv = fused_linear(x, *fused).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+        qfused = getattr(self, "qfused", None)  # quantized q/k/v (llmkit.quantize): one layer, rows viewed
+        if qfused is not None or fused is not None and (torch.compiler.is_compiling() or _still_fused(fused, linears)):
+            qkv = qfused(x) if qfused is not None else fused_linear(x, *fused)
+            qkv = qkv.view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
             qk, v = qkv.split([H + Hkv, Hkv], 1)
             if rope is not None:  # queries and keys rotated in one go
                 qk = apply_rope(qk, *rope).to(v.dtype)
@@ -263,7 +272,10 @@ class MLP(nn.Module):
             return _linear(self.down_proj, self.act(_linear(self.up_proj, x)))
         fused = getattr(self, "fused", None)
         linears = (self.gate_proj, self.up_proj)
-        if fused is not None and (torch.compiler.is_compiling() or _still_fused(fused, linears)):
+        qfused = getattr(self, "qfused", None)
+        if qfused is not None:
+            gate, up = qfused(x).chunk(2, -1)
+        elif fused is not None and (torch.compiler.is_compiling() or _still_fused(fused, linears)):
             gate, up = fused_linear(x, *fused).chunk(2, -1)
         else:
             gate, up = _linear(self.gate_proj, x), _linear(self.up_proj, x)
@@ -375,8 +387,14 @@ class Transformer(nn.Module):
 
     @property
     def activation_dtype(self) -> torch.dtype:
-        """dtype of hidden states and of the KV cache: the weights' own, but float32 for bf16/fp16 weights on a CPU."""
-        w = self.embed_tokens.weight
+        """dtype of hidden states and of the KV cache: the weights' own, but float32 for bf16/fp16 weights on a CPU.
+
+        Quantized models (llmkit.quantize): float32 on a CPU, bfloat16 on a GPU.
+        """
+        w = getattr(self.embed_tokens, "weight", None)
+        if w is None or w.dtype in (torch.int8, torch.uint8):
+            w = next(self.parameters())
+            return torch.float32 if w.device.type == "cpu" else torch.bfloat16
         return torch.float32 if w.device.type == "cpu" and w.dtype in LOW_PRECISION else w.dtype
 
     def tie_weights(self):
