@@ -190,22 +190,29 @@ def _plot(out: Path):
 
 @torch.no_grad()
 def evaluate(model, data, loss_fn, steps: int, amp: torch.dtype | None, device: torch.device) -> dict:
-    """Mean loss (and mean of loss_fn's extra metrics) over the first `steps` batches of data."""
+    """Loss (and loss_fn's extra metrics) over the first `steps` batches of data, each batch's mean weighted by its
+    scored tokens: the mean over all scored tokens, as one big batch would give it."""
     was = model.training
     model.eval()
-    sums, n = {}, 0
+    sums, n, batches = {}, 0.0, 0
     for i, batch in enumerate(data):
         if i >= steps:
             break
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, extras = _unpack(loss_fn(model, batch))
+        batches += 1
+        count = float(scored_count(batch))
+        if not count:  # nothing scored: its mean is NaN and weighs nothing
+            continue
         for k, v in {"loss": loss, **extras}.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n += 1
+            sums[k] = sums.get(k, 0.0) + float(v) * count
+        n += count
     model.train(was)
-    if not n:
+    if not batches:
         raise ValueError("the validation data holds no complete batch: use more validation data or a smaller batch")
+    if not n:
+        raise ValueError("the validation data scores no token (every label is ignored): check the data")
     out = {f"val_{k}": v / n for k, v in sums.items()}
     out["val_ppl"] = math.exp(min(out["val_loss"], 50))
     return out

@@ -335,3 +335,17 @@ def test_ddp_weights_processes_by_their_scored_tokens(tmp_path):
         for a, b in zip(step_one, step_ddp):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert abs(res["train_loss"] - ddp["loss"]) < 1e-5
+
+
+def test_validation_loss_is_the_mean_over_scored_tokens():
+    from llmkit.train import evaluate
+
+    ids, labels = _chat_like_rows()
+    torch.manual_seed(0)
+    model = Transformer(preset("llama-tiny", vocab_size=64, n_layer=1))
+    micro = [{"input_ids": ids[i:i + 2], "labels": labels[i:i + 2]} for i in range(0, 8, 2)]
+    empty = {"input_ids": ids[:2], "labels": torch.full_like(labels[:2], -100)}
+    dev = torch.device("cpu")
+    whole = evaluate(model, [{"input_ids": ids, "labels": labels}], clm_loss, 1, None, dev)["val_loss"]
+    parts = evaluate(model, [*micro, empty], clm_loss, 10, None, dev)["val_loss"]
+    assert abs(whole - parts) < 1e-5
