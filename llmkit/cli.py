@@ -199,7 +199,7 @@ def _auto_rows(args):
 
     path = default_gguf_path() if args.model == "default" else Path(args.model)
     entry = auto_dtype.cached(args.model, path, _device(args))
-    cands = auto_dtype.candidates(path)
+    cands = auto_dtype.candidates(path) if entry is None else []
     if entry is None and len(cands) == 1:
         return [("dtype auto", f"{cands[0]} (the model's own format, nothing to time)")]
     if entry is None:
