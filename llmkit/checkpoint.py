@@ -408,7 +408,18 @@ def _build_quantized_folder(p: Path, cfg: ModelConfig, qc: dict, sd: dict, devic
     except (RuntimeError, KeyError, IndexError) as e:  # wrong shapes: a damaged or hand-edited folder
         raise ValueError(f"{p}: quantized tensors do not fit the config ({str(e).splitlines()[0]})") from None
     model.quantization_config = qc
+    _release_freed_memory()
     return model
+
+
+def _release_freed_memory():
+    # building packs each layer through short-lived buffers; glibc keeps their pages unless asked to return them
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _load_quantized(spec, method: str, device) -> LoadedModel:

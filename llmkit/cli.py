@@ -19,12 +19,12 @@ class _Parser(argparse.ArgumentParser):
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16", "int8", "int4"]
 
 
-def _model_flags(p):
+def _model_flags(p, dtype="auto"):
     p.add_argument("--model", default="default", help="model folder, .gguf file, adapter folder, or 'default' "
                    "(SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="weights: auto (default: the fastest format that keeps the model's quality, timed once on "
-                   "this machine and cached; see `llmkit info`), float32, bfloat16, float16, int8, int4")
+    p.add_argument("--dtype", default=dtype, choices=DTYPE_CHOICES,
+                   help=f"weights (default {dtype}): auto (the fastest format that keeps the model's quality, timed "
+                   "once on this machine and cached; see `llmkit info`), float32, bfloat16, float16, int8, int4")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
@@ -279,7 +279,7 @@ def _auto_rows(args):
 
     path = default_gguf_path() if args.model == "default" else Path(args.model)
     entry = auto_dtype.cached(args.model, path, _device(args))
-    cands = auto_dtype.candidates(path)
+    cands = auto_dtype.candidates(path) if entry is None else []
     if entry is None and len(cands) == 1:
         return [("dtype auto", f"{cands[0]} (the model's own format, nothing to time)")]
     if entry is None:
@@ -548,7 +548,7 @@ def add_eval(sub):
     esub = p.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
 
     def common(q, batch_size):
-        _model_flags(q)
+        _model_flags(q, dtype="float32")  # scores in float32 (lm-eval parity) unless --dtype says otherwise
         q.add_argument("--data", required=True, help="data file")
         q.add_argument("--out", default=None, help="write the results JSON here (plots go beside it)")
         q.add_argument("--limit", type=int, default=None, help="first N records (perplexity: first N lines)")
@@ -784,7 +784,7 @@ def cmd_finetune(args):
 def add_classify(sub):
     p = sub.add_parser("classify", help="label texts with a fine-tuned classifier (label and probability per line)")
     p.add_argument("texts", nargs="*", help="texts to classify")
-    _model_flags(p)
+    _model_flags(p, dtype="float32")
     p.add_argument("--input", help="file with one text per line ('-' reads stdin)")
     p.add_argument("--json", action="store_true", help="one JSON object per line: text, label, probability, probs")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
