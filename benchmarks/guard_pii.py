@@ -70,7 +70,8 @@ def iban(rng, valid=True):
 
 
 def email(rng):
-    return f"{rng.choice(FIRST)}{rng.choice(['.', '_', ''])}{rng.choice(FIRST)}{rng.randrange(100)}@{rng.choice(DOMAINS)}"
+    user = f"{rng.choice(FIRST)}{rng.choice(['.', '_', ''])}{rng.choice(FIRST)}{rng.randrange(100)}"
+    return f"{user}@{rng.choice(DOMAINS)}"
 
 
 def phone(rng):

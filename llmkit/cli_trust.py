@@ -50,7 +50,8 @@ def register(sub):
     c.set_defaults(handler=cmd_data_clean)
 
 
-CLEAN_FLAGS = ("dedup", "near_threshold", "shingle", "num_perm", "min_chars", "quality", "lang", "lang_threshold", "pii")
+CLEAN_FLAGS = ("dedup", "near_threshold", "shingle", "num_perm", "min_chars", "quality", "lang", "lang_threshold",
+               "pii")
 
 
 def add_clean_flags(c, with_io: bool):

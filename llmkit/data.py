@@ -116,7 +116,8 @@ def iter_documents(path, text_field: str = "text", unit: str = "line"):
 
         f = pq.ParquetFile(p)
         if text_field not in f.schema_arrow.names:
-            raise ValueError(f"{path} has no column {text_field!r} (columns: {f.schema_arrow.names}); pass --text-field")
+            names = f.schema_arrow.names
+            raise ValueError(f"{path} has no column {text_field!r} (columns: {names}); pass --text-field")
         for batch in f.iter_batches(columns=[text_field], batch_size=4096):
             yield from (t for t in batch.column(0).to_pylist() if t)
         return

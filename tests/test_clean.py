@@ -76,7 +76,8 @@ def test_gopher_and_c4_rules():
     assert gopher_rule("too short text") == "gopher_word_count"
     assert gopher_rule("# " * 60 + varied) == "gopher_symbol_ratio"
     assert gopher_rule(" ".join(["1234 5678"] * 60) + " the and of") is not None
-    assert gopher_rule("\n".join(["- " + rng.choice(WORDS) + " the of with" for _ in range(40)])) == "gopher_bullet_lines"
+    bullets = "\n".join(["- " + rng.choice(WORDS) + " the of with" for _ in range(40)])
+    assert gopher_rule(bullets) == "gopher_bullet_lines"
     page = ("First line is a sentence here. Second one too! Third? Yes it is. Fourth line ends. Fifth too.\n"
             "Click here\nPlease enable JavaScript to view this page.\nRead our privacy policy for details.")
     out, rule = c4_filter(page)
@@ -147,7 +148,8 @@ def test_pretrain_clean_flag_cleans_the_data_first(tmp_path):
                "--dedup", "exact"])
     assert rc == 0
     rep = json.loads((out / "clean" / "shakes.report.json").read_text())
-    assert rep["removed"]["exact_duplicate"] > 0 and (out / "clean" / "shakes.txt").stat().st_size <= len(text) + 2  # one copy left
+    assert rep["removed"]["exact_duplicate"] > 0
+    assert (out / "clean" / "shakes.txt").stat().st_size <= len(text) + 2  # one copy left
     assert (out / "config.json").exists()
 
 

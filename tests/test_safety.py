@@ -60,7 +60,8 @@ def test_block_lists_see_through_separators_fullwidth_zero_width_and_leet():
     m = TermMatcher(["free money"])
     text = "get f.r.e.e m-o-n-e-y, ｆｒｅｅ ｍｏｎｅｙ, fr\u200bee money, FR33 M0NEY; freedom moneys"
     spans = m.spans(text)
-    assert [text[s:e] for s, e in spans] == ["f.r.e.e m-o-n-e-y", "ｆｒｅｅ ｍｏｎｅｙ", "fr\u200bee money", "FR33 M0NEY"]
+    want = ["f.r.e.e m-o-n-e-y", "ｆｒｅｅ ｍｏｎｅｙ", "fr\u200bee money", "FR33 M0NEY"]
+    assert [text[s:e] for s, e in spans] == want
     norm, where = normalise("Ｃafé")
     assert norm == "cafe" and list(where) == [0, 1, 2, 3]
 
