@@ -126,14 +126,19 @@ def choose(spec, path, device, load) -> str:
     if len(cands) == 1:
         return cands[0]
     t0 = time.time()
+    lm = load(spec, cands[0])  # a model that cannot load fails here, before anything is printed
+    load_s = {cands[0]: round(time.time() - t0, 2)}
+    if not lm.model.config.causal or lm.model.config.num_labels:
+        return "float32"  # encoders and classifiers have no decode step to time; they score in float32
     print(f"[dtype auto: timing {', '.join(cands)} once on this machine ...]", file=sys.stderr)
-    step_ms, load_s = {}, {}
+    step_ms = {}
     for dt in cands:
-        t1 = time.perf_counter()
-        lm = load(spec, dt)
-        load_s[dt] = round(time.perf_counter() - t1, 2)
+        if lm is None:
+            t1 = time.perf_counter()
+            lm = load(spec, dt)
+            load_s[dt] = round(time.perf_counter() - t1, 2)
         step_ms[dt] = round(time_decode_step(lm.model), 2)
-        del lm
+        lm = None
         gc.collect()
     choice = min(step_ms, key=step_ms.get)
     entry = {"choice": choice, "step_ms": step_ms, "load_s": load_s, "model": str(spec), "torch": torch.__version__,

@@ -14,7 +14,7 @@ def add_eval_bias(esub):
     from llmkit.cli import _model_flags
 
     q = esub.add_parser("bias", help="social-bias probes: CrowS-Pairs-style sentence pairs or occupation templates")
-    _model_flags(q)
+    _model_flags(q, dtype="float32")  # scores in float32 (lm-eval parity), as the other eval commands
     q.add_argument("--probe", choices=["pairs", "templates"], default="pairs",
                    help="pairs: {sent_more, sent_less, bias_type} scored as lm-eval crows_pairs; templates: "
                    "occupation x pronoun / name log-likelihood gaps (default pairs)")
