@@ -163,13 +163,10 @@ def _read_schema(path):
 
 
 def _json_processors(engine, params, schema=None) -> list:
-    """--json (any JSON object) or --json-schema: one grammar processor (llmkit.grammar) for the decode core."""
-    from llmkit.grammar import json_object_grammar, json_schema_grammar
+    """--json (any JSON object) or --json-schema: one grammar processor (llmkit.constraints) for the decode core."""
+    from llmkit.constraints import json_object, json_schema
 
-    if schema is None:
-        proc = json_object_grammar(engine.tok, engine.eos_ids).processor()
-    else:
-        proc = json_schema_grammar(engine.tok, schema, engine.eos_ids).processor()
+    proc = json_object(engine) if schema is None else json_schema(engine, schema)
     need = proc.closing()
     if need is not None and len(need) > params.max_new_tokens:
         raise ValueError(f"--max-new-tokens {params.max_new_tokens} is too small for the shortest JSON this schema "

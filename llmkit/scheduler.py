@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from llmkit.constraints import json_object
 from llmkit.engine import Engine, RequestState, SamplingParams
 
 
@@ -66,7 +65,6 @@ class Request:
     max_new: int  # 0: prefill only (prompt logprobs with echo)
     emit: Callable
     prompt_logprobs: bool = False  # also score the prompt's own tokens (completions with echo + logprobs)
-    json_mode: bool = False  # response_format json_object: adds constraints.JsonObject to the processors
     processors: list = field(default_factory=list)  # logits processors for this request (constraints.py protocol)
     cancelled: bool = False
     state: RequestState | None = None  # engine's per-row state: tokens, text, stop strings, logprobs, finish_reason
@@ -112,8 +110,7 @@ class Scheduler:
             if len(r.prompt_ids) + r.max_new > self.context or not r.prompt_ids:
                 raise ValueError(f"prompt of {len(r.prompt_ids)} tokens + {r.max_new} new tokens does not fit the "
                                  f"context of {self.context}")
-            procs = list(r.processors) + ([json_object(self.engine)] if r.json_mode else [])
-            r.state = self.engine.new_state(r.prompt_ids, r.params, r.max_new, procs, r.prompt_logprobs)
+            r.state = self.engine.new_state(r.prompt_ids, r.params, r.max_new, list(r.processors), r.prompt_logprobs)
             need, pool = self.core.blocks_needed(r.state), self.engine.pool
             if need > pool.n_blocks:
                 raise ValueError(f"prompt + max_tokens need {need * pool.block_bytes / 2**20:.0f} MB of KV cache, "
