@@ -110,7 +110,6 @@ def cmd_federate(args):
     if args.role == "client":
         if not args.server:
             raise ValueError("--role client needs --server HOST:PORT")
-        shard = None
         if args.shard:
             try:
                 i, k = (int(x) for x in args.shard.split("/"))

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from llmkit.kvpool import BlockPool
+from llmkit.kvpool import TRIM_BYTES, BlockPool, trim_heap
 from llmkit.model import PackedKV, RowKV, Transformer
 from llmkit.sampling import (  # noqa: F401  (re-exported: the public API has always been engine's)
     Completion, RequestState, SamplingParams, apply_penalties, filter_logits, sample_next, stop_prefix_len)
@@ -119,6 +119,8 @@ class DecodeBatch:
             # the whole conversation so far: the next turn of a chat starts with it
             cache.insert(row.state.prompt_ids + row.state.token_ids, row.kv, row.kv.length, self.pool.cache_capacity())
         row.kv = None
+        if row.blocks * self.pool.block_bytes >= TRIM_BYTES:
+            trim_heap()
         for r in self.rows.values():  # its followers prefill on their own now
             if r.leader is row:
                 r.leader = None

@@ -13,10 +13,28 @@ note above RowKV), so a cached block is copied into the row once, which costs fa
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 
 import torch
 
 from llmkit.model import RowKV
+
+
+TRIM_BYTES = 16 << 20  # a row that held at least this much KV memory gives the freed heap back to the OS
+_libc = None
+
+
+def trim_heap():
+    """Return freed heap memory to the OS. glibc raises its mmap threshold after large frees, so a long request's
+    keys/values may come from (and stay in) the heap: without a trim RSS would not fall back after the request."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def default_kv_cache_mb() -> int:
