@@ -104,7 +104,8 @@ async def shared_prefix(base: str, model: str, trials: int) -> dict:
             cold.append((await one_request(client, url, model, "What is rule 3?", 4, sp))["ttft"])
             warm.append((await one_request(client, url, model, "Summarize rule 12.", 4, sp))["ttft"])
     c, w = pct(cold, 50), pct(warm, 50)
-    return {"trials": trials, "cold_ttft_s": [round(x, 4) for x in cold], "repeated_ttft_s": [round(x, 4) for x in warm],
+    return {"trials": trials, "cold_ttft_s": [round(x, 4) for x in cold],
+            "repeated_ttft_s": [round(x, 4) for x in warm],
             "cold_ttft_p50_s": round(c, 4), "repeated_ttft_p50_s": round(w, 4), "repeated_over_cold": round(w / c, 3)}
 
 

@@ -1,4 +1,5 @@
-"""`llmkit <command>`: thin functions over the library. Each command is an `add_<name>` (its flags) and a `cmd_<name>`."""
+"""`llmkit <command>`: thin functions over the library. Each command is an `add_<name>` (its flags) and a
+`cmd_<name>`."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,8 @@ def _sampling_flags(p):
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * p(top token)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style repetition penalty (> 1 fewer repeats)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="HF-style repetition penalty (> 1 fewer repeats)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style presence penalty")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style frequency penalty")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")

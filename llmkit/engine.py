@@ -276,7 +276,9 @@ class DecodeBatch:
     def _pick(self, rows, logits, events) -> list[int | None]:
         """The sampler over all rows at once; if it raises, row by row so only the culprit fails."""
         def history(rs):
-            return [(r.state.prompt_ids, r.state.token_ids) for r in rs] if any(r.state.p.penalized for r in rs) else None
+            if not any(r.state.p.penalized for r in rs):
+                return None
+            return [(r.state.prompt_ids, r.state.token_ids) for r in rs]
 
         try:
             return sample_next(torch.stack(logits), [r.state.p for r in rows], [r.state.generator for r in rows],

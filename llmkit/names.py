@@ -29,8 +29,10 @@ def _table(pairs, suffixes=("weight", "bias")):
 
 GPT2 = _table([
     ("embed_tokens", "transformer.wte"), ("embed_positions", "transformer.wpe"), ("norm", "transformer.ln_f"),
-    ("layers.{}.input_layernorm", "transformer.h.{}.ln_1"), ("layers.{}.self_attn.o_proj", "transformer.h.{}.attn.c_proj"),
-    ("layers.{}.post_attention_layernorm", "transformer.h.{}.ln_2"), ("layers.{}.mlp.up_proj", "transformer.h.{}.mlp.c_fc"),
+    ("layers.{}.input_layernorm", "transformer.h.{}.ln_1"),
+    ("layers.{}.self_attn.o_proj", "transformer.h.{}.attn.c_proj"),
+    ("layers.{}.post_attention_layernorm", "transformer.h.{}.ln_2"),
+    ("layers.{}.mlp.up_proj", "transformer.h.{}.mlp.c_fc"),
     ("layers.{}.mlp.down_proj", "transformer.h.{}.mlp.c_proj"), ("lm_head", "lm_head"), ("score", "score"),
 ])
 GPT2_CONV = (".attn.c_proj.", ".mlp.c_fc.", ".mlp.c_proj.")

@@ -94,7 +94,8 @@ def test_tokenizer_train_reads_the_text_field(tmp_path, capsys):
     data = tmp_path / "lines.csv"  # the text is in column "body": training and the compression report both read it
     data.write_text("id,body\n" + "".join(f"{i},\"{line}\"\n" for i, line in
                                            enumerate(SHAKESPEARE.read_text().splitlines()[:400]) if line.strip()))
-    args = ["tokenizer", "train", str(data), "--vocab-size", "300", "--out", str(tmp_path / "t"), "--text-field", "body"]
+    args = ["tokenizer", "train", str(data), "--vocab-size", "300", "--out", str(tmp_path / "t"),
+            "--text-field", "body"]
     assert main(args) == 0
     assert "300 tokens" in capsys.readouterr().out
 

@@ -37,7 +37,8 @@ def make_tiny_model(out):
     tok = Tokenizer(hf, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
                     chat_template=CHATML)
     torch.manual_seed(0)
-    cfg = preset("llama-tiny", max_position_embeddings=1024, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    cfg = preset("llama-tiny", max_position_embeddings=1024, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                 bos_token_id=tok.bos_id)
     save_model(out, Transformer(cfg), tok, {"eos_token_id": tok.eos_id})
     return out
 
