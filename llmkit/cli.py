@@ -258,7 +258,7 @@ def cmd_info(args):
                                                                        if hasattr(x, "method")}.values()
                              if type(q).__name__ != "RowSlice")
     rows = [("path", lm.path), ("family", cfg.family), ("architecture", _arch(cfg)),
-            ("parameters", f"{n:,} ({n / 1e6:.1f} M)"), ("dtype", dtype),
+            ("parameters", f"{n:,} ({n / 1e6:.1f} M)"), ("stored as", _stored_as(p)), ("runs as", dtype),
             ("context length", cfg.max_position_embeddings), ("layers", cfg.n_layer),
             ("heads / kv heads", f"{cfg.n_head} / {cfg.n_kv_head}"), ("hidden size", cfg.n_embd),
             ("vocabulary", cfg.vocab_size), ("size on disk", f"{size / 2**20:.1f} MiB"),
@@ -268,6 +268,20 @@ def cmd_info(args):
     for k, v in rows:
         print(f"{k:<16} {v}")
     return 0
+
+
+def _stored_as(p) -> str:
+    """The weights' format on disk: config.json's torch_dtype (or quantization), or a GGUF's tensor types."""
+    import json
+
+    if p.is_dir():
+        hf = json.loads((p / "config.json").read_text()) if (p / "config.json").exists() else {}
+        qc = hf.get("quantization_config")
+        return qc.get("method", "quantized") if isinstance(qc, dict) else str(hf.get("torch_dtype", "unknown"))
+    import gguf
+
+    kinds = sorted({t.tensor_type.name for t in gguf.GGUFReader(str(p)).tensors if len(t.shape) == 2})
+    return "GGUF " + ", ".join(kinds)
 
 
 def _auto_rows(args):

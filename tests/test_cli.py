@@ -47,6 +47,13 @@ def test_info_on_the_default_model():
     assert "llama" in r.stdout and "134,515,008" in r.stdout and "8192" in r.stdout
 
 
+def test_info_tells_the_stored_dtype_from_the_one_it_runs_in(tmp_path):
+    save_model(tmp_path / "bf", Transformer(preset("llama-tiny", vocab_size=128)), dtype="bfloat16")
+    r = llmkit("info", "--model", str(tmp_path / "bf"), "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert "stored as        bfloat16" in r.stdout and "runs as          float32" in r.stdout
+
+
 def test_convert_gguf_to_hf_folder_loads_in_transformers(tmp_path):
     import transformers
 

@@ -191,7 +191,7 @@ def test_quantize_command_writes_a_folder_every_command_loads(tiny, tmp_path, me
     for args in (["generate", "--model", out, "hi", "--max-new-tokens", "3"], ["info", "--model", out]):
         r = _llmkit(*args, home=tmp_path)
         assert r.returncode == 0, r.stderr
-    assert f"dtype            {method}" in r.stdout
+    assert f"stored as        {method}" in r.stdout and f"runs as          {method}" in r.stdout
     # float dtype asked for: dequantized
     assert not Q.is_quantized(load_model(out, dtype="float32").model)
 
