@@ -175,20 +175,30 @@ async def scheduler_idle(base: str, timeout: float = 30) -> dict:
             await asyncio.sleep(0.5)
 
 
+def kv_blocks(base: str) -> dict:
+    """The server's KV pool: blocks reserved by running rows, cached prefixes and in total (from /metrics)."""
+    out = {}
+    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("llmkit:kv_cache_blocks{"):
+            state = line.split('state="', 1)[1].split('"', 1)[0]
+            out[state] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 async def run(args, base: str, pid: int) -> dict:
     url = base + "/v1/chat/completions"
     warm = {"ttft": [], "itl": [], "errors": [], "cancelled": 0, "completed": 0}
     await asyncio.gather(*(client_loop(i, url, "default", time.time() + args.warmup_s, args.cancel_rate, warm,
                                        args.seed + 1) for i in range(args.clients)))
     await scheduler_idle(base)
-    rss_warm = rss_mb(pid)
+    rss_warm, kv_warm = rss_mb(pid), kv_blocks(base)
     stats = {"ttft": [], "itl": [], "errors": [], "cancelled": 0, "completed": 0}
     t0 = time.time()
     await asyncio.gather(*(client_loop(i, url, "default", t0 + args.minutes * 60, args.cancel_rate, stats,
                                        args.seed) for i in range(args.clients)))
     wall = time.time() - t0
     idle = await scheduler_idle(base)
-    rss_end = rss_mb(pid)
+    rss_end, kv_end = rss_mb(pid), kv_blocks(base)
     r3 = lambda x: None if x is None else round(x, 4)
     return {
         "wall_s": round(wall, 1), "requests_completed": stats["completed"], "requests_cancelled": stats["cancelled"],
@@ -196,6 +206,7 @@ async def run(args, base: str, pid: int) -> dict:
         "slots_freed": idle.get("running") == 0 and idle.get("waiting") == 0, "after_run": idle,
         "rss_after_warmup_mb": round(rss_warm, 1), "rss_after_run_mb": round(rss_end, 1),
         "rss_growth": round(rss_end / rss_warm - 1, 4),
+        "kv_blocks_after_warmup": kv_warm, "kv_blocks_after_run": kv_end,
         "ttft_p50_s": r3(pct(stats["ttft"], 50)), "ttft_p99_s": r3(pct(stats["ttft"], 99)),
         "itl_p50_s": r3(pct(stats["itl"], 50)), "itl_p99_s": r3(pct(stats["itl"], 99)),
     }
@@ -210,6 +221,8 @@ def main():
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="default", help="what `llmkit serve --model` serves")
+    ap.add_argument("--kv-cache-mb", type=float, default=None, help="server --kv-cache-mb: the KV pool, prefix cache "
+                    "included, grows up to this (default: the server's, a fifth of free memory)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_soak.json"))
     args = ap.parse_args()
     from llmkit.evaluate import write_results
@@ -218,6 +231,8 @@ def main():
     cmd = [sys.executable, "-m", "llmkit", "serve", "--model", f"default={args.model}", "--port", str(port),
            "--max-batch", str(args.max_batch),
            "--max-queue", str(4 * args.clients)]
+    if args.kv_cache_mb is not None:
+        cmd += ["--kv-cache-mb", str(args.kv_cache_mb)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
