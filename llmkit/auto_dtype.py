@@ -129,7 +129,10 @@ def choose(spec, path, device, load) -> str:
     lm = load(spec, cands[0])  # a model that cannot load fails here, before anything is printed
     load_s = {cands[0]: round(time.time() - t0, 2)}
     if not lm.model.config.causal or lm.model.config.num_labels:
-        return "float32"  # encoders and classifiers have no decode step to time; they score in float32
+        # encoders and classifiers have no decode step to time; they score in float32 (cached: no second load)
+        _write(key, {"choice": "float32", "step_ms": {}, "load_s": load_s, "model": str(spec),
+                     "torch": torch.__version__, "device": str(device), "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+        return "float32"
     print(f"[dtype auto: timing {', '.join(cands)} once on this machine ...]", file=sys.stderr)
     step_ms = {}
     for dt in cands:

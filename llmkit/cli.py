@@ -297,6 +297,8 @@ def _auto_rows(args):
         return [("dtype auto", f"{cands[0]} (the model's own format, nothing to time)")]
     if entry is None:
         return [("dtype auto", "not timed yet on this machine (the first load with --dtype auto times it)")]
+    if not entry["step_ms"]:
+        return [("dtype auto", f"{entry['choice']} (an encoder or classifier: no decode step to time)")]
     times = ", ".join(f"{k} {v} ms" for k, v in entry["step_ms"].items())
     return [("dtype auto", f"{entry['choice']} (one decode step: {times}; timed {entry['when']})")]
 
