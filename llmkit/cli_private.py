@@ -90,6 +90,10 @@ def register(sub):
     a("--seed", type=int, default=0, help="seed (splits, adapter initialisation); the same on every party")
     a("--round-timeout", type=float, default=1800.0, help="seconds a round waits for its clients")
     a("--connect-timeout", type=float, default=300.0, help="seconds to wait for clients to connect (or the server)")
+    a("--dp-epsilon", type=float, default=None, help="server: client-level differential privacy (DP-FedAvg): clip "
+      "each client's update, add calibrated Gaussian noise to their mean; the epsilon to spend over --rounds")
+    a("--dp-delta", type=float, default=1e-5, help="server: delta of --dp-epsilon (default 1e-5)")
+    a("--dp-clip", type=float, default=1.0, help="server: L2 bound on one client's adapter update (default 1.0)")
     a("--listen", default="0.0.0.0:8080", help="server: address to listen on (default 0.0.0.0:8080)")
     a("--server", help="client: the server's HOST:PORT")
     a("--shard", help="client: I/K trains on shard I of --data split K ways with --split (default: all of --data)")
@@ -106,7 +110,8 @@ def cmd_federate(args):
                         lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                         lora_targets=[t for t in args.lora_targets.split(",") if t.strip()],
                         lora_layers=args.lora_layers, seed=args.seed, round_timeout=args.round_timeout,
-                        connect_timeout=args.connect_timeout)
+                        connect_timeout=args.connect_timeout, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta,
+                        dp_clip=args.dp_clip)
     if args.role == "client":
         if not args.server:
             raise ValueError("--role client needs --server HOST:PORT")

@@ -13,6 +13,14 @@ Ray (`flwr[simulation]` pins ray, several hundred MB), and its SuperLink/SuperNo
 bundle launched with `flwr run`, so llmkit uses the direct gRPC entry points, which Flower 1.42 still ships (marked
 deprecated since 1.13). A client that fails or disconnects mid-round is a failure of that round: the others are
 aggregated (accept_failures), the failure is logged in metrics.jsonl, and later rounds sample the clients still there.
+
+Client-level differential privacy (optional, --dp-epsilon; DP-FedAvg, McMahan et al. 2018): the server clips each
+client's update (its adapter minus the global one, L2 norm over all tensors) to --dp-clip, averages the clipped
+updates uniformly over the m clients planned per round (a client that failed adds a zero update, so one client's
+influence stays at most clip / m), and adds Gaussian noise of standard deviation noise * clip / m. The noise
+multiplier is calibrated with privacy.py's accountant (RDP) so that --rounds rounds at sample rate m / --clients spend
+--dp-epsilon; the epsilon spent so far is in every round's row. It protects whole clients (all of a client's data),
+not single examples, and needs many clients to learn anything: with 4 clients the noise on the mean is large.
 """
 from __future__ import annotations
 
@@ -62,6 +70,9 @@ class FederateConfig:
     seed: int = 0
     round_timeout: float = 1800.0
     connect_timeout: float = 300.0
+    dp_epsilon: float | None = None  # client-level DP on the aggregated updates (DP-FedAvg)
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0  # L2 bound on one client's adapter update
 
     def check(self) -> "FederateConfig":
         """Raise ValueError on out-of-range settings (before anything loads or is written)."""
@@ -81,7 +92,55 @@ class FederateConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be > 0, not {self.lr}")
         parse_split(self.split)
+        if self.dp_epsilon is not None:
+            from llmkit.privacy import DPConfig
+
+            DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip, "rdp").check()
         return self
+
+    def sampled_per_round(self) -> int:
+        """Clients Flower's FedAvg samples per round when all are connected (int(n * fraction), at least 1)."""
+        return max(1, int(self.clients * self.fraction_fit))
+
+
+class ClientDP:
+    """DP-FedAvg on the server: clip each client's update, average over the planned m clients, add noise."""
+
+    def __init__(self, fc: FederateConfig):
+        from llmkit import privacy
+
+        self.clip, self.delta, self.m, self.target = fc.dp_clip, fc.dp_delta, fc.sampled_per_round(), fc.dp_epsilon
+        self.sample_rate, self.rounds = self.m / fc.clients, fc.rounds
+        cfg = privacy.DPConfig(fc.dp_epsilon, fc.dp_delta, fc.dp_clip, "rdp").check()
+        self.noise = privacy.noise_multiplier(cfg, self.sample_rate, fc.rounds)  # or a ValueError: what's reachable
+        self.rng = np.random.default_rng()  # unseeded: the noise must not be predictable
+
+    def aggregate(self, global_arrays: list[np.ndarray], client_arrays: list[list[np.ndarray]]):
+        """(new global arrays, {"clipped": count, "update_norms": [...]}): global + mean clipped update + noise."""
+        total = [np.zeros_like(g, dtype=np.float64) for g in global_arrays]
+        norms = []
+        for arrays in client_arrays:
+            delta = [a.astype(np.float64) - g for a, g in zip(arrays, global_arrays)]
+            norm = float(np.sqrt(sum((d * d).sum() for d in delta)))
+            norms.append(round(norm, 6))
+            scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
+            for t, d in zip(total, delta):
+                t += d * scale
+        std = self.noise * self.clip / self.m
+        new = [(g + t / self.m + self.rng.normal(0.0, std, g.shape)).astype(g.dtype)
+               for g, t in zip(global_arrays, total)]
+        return new, {"clipped": sum(n > self.clip for n in norms), "update_norms": norms}
+
+    def epsilon(self, rounds_done: int) -> float:
+        from llmkit.privacy import spent_epsilon
+
+        return spent_epsilon(self.noise, self.sample_rate, rounds_done, self.delta, "rdp")
+
+    def summary(self, rounds_done: int) -> dict:
+        return {"level": "client", "target_epsilon": self.target, "delta": self.delta, "clip": self.clip,
+                "noise_multiplier": self.noise, "clients_per_round": self.m, "sample_rate": self.sample_rate,
+                "planned_rounds": self.rounds, "rounds": rounds_done, "accountant": "rdp",
+                "epsilon_spent": self.epsilon(rounds_done)}
 
 
 def parse_split(split: str) -> tuple[str, float | None]:
@@ -242,16 +301,41 @@ def run_client(fc: FederateConfig, server: str, shard: int | None = None) -> Non
     _quiet_flower()
     client = make_client(fc, shard)
     print(f"client {'' if shard is None else shard}: connecting to {server}", file=sys.stderr, flush=True)
-    fl.client.start_client(server_address=server, client=client.to_client(), max_wait_time=fc.connect_timeout)
+    wait_for_server(server, fc.connect_timeout)
+    try:
+        fl.client.start_client(server_address=server, client=client.to_client(), max_wait_time=fc.connect_timeout)
+    except Exception as e:  # gRPC's errors are pages long: one line says what happened
+        detail = e.details() if callable(getattr(e, "details", None)) else None  # grpc.RpcError
+        raise ConnectionError(f"lost the connection to the server at {server}: {detail or type(e).__name__}") from e
+
+
+def wait_for_server(address: str, timeout: float) -> None:
+    """Return once HOST:PORT accepts TCP connections (a server may still be loading its model), or raise.
+
+    Flower's bidirectional gRPC client does not retry a refused first connection, so clients started before their
+    server (or on other machines, in any order) wait here."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--server must be HOST:PORT, not {address!r}")
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+                return
+        except OSError as e:
+            if time.time() >= deadline:
+                raise ConnectionError(f"no Flower server answered at {address} within {timeout:.0f} s "
+                                      f"(--connect-timeout): {e.strerror or e}") from None
+            time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # server
 
 
-def _strategy(fc: FederateConfig, p: dict, log_row):
+def _strategy(fc: FederateConfig, p: dict, log_row, dp: ClientDP | None = None):
     """FedAvg or FedProx that evaluates the global adapter after each round and logs clients, failures and bytes."""
-    from flwr.common import ndarrays_to_parameters
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server.strategy import FedAvg, FedProx
 
     from llmkit.train import evaluate
@@ -280,7 +364,9 @@ def _strategy(fc: FederateConfig, p: dict, log_row):
                                        **({"id2label": id2label} if id2label else {})})
             size = sum(len(t) for t in parameters.tensors)
             rows[server_round] = {"round": server_round, "clients_sampled": len(ins),
-                                       "bytes_sent": size * len(ins), "t0": time.time()}
+                                  "bytes_sent": size * len(ins), "t0": time.time()}
+            if dp is not None:
+                self.current = parameters_to_ndarrays(parameters)
             return ins
 
         def aggregate_fit(self, server_round, results, failures):
@@ -299,7 +385,12 @@ def _strategy(fc: FederateConfig, p: dict, log_row):
             if not results:
                 print(f"server: round {server_round}: no client finished; the global adapter is unchanged",
                       file=sys.stderr, flush=True)
-            return super().aggregate_fit(server_round, results, failures)
+            if dp is None:
+                return super().aggregate_fit(server_round, results, failures)
+            new, info = dp.aggregate(self.current, [parameters_to_ndarrays(r.parameters) for _, r in results])
+            row.update(dp_clipped=info["clipped"], update_norms=info["update_norms"],
+                       epsilon=round(dp.epsilon(server_round), 4))
+            return ndarrays_to_parameters(new), {}
 
     def evaluate_fn(server_round, arrays, config):
         set_weights(model, keys, arrays)
@@ -311,7 +402,8 @@ def _strategy(fc: FederateConfig, p: dict, log_row):
         strategy.final = arrays
         log_row(row)
         acc = f", val_acc {ev['val_acc']:.4f}" if "val_acc" in ev else ""
-        print(f"server: round {server_round}: val_loss {ev['val_loss']:.4f}{acc}", file=sys.stderr, flush=True)
+        eps = f", epsilon {row['epsilon']:.3f}" if "epsilon" in row else ""
+        print(f"server: round {server_round}: val_loss {ev['val_loss']:.4f}{acc}{eps}", file=sys.stderr, flush=True)
         return float(ev["val_loss"]), {}
 
     kw = dict(fraction_fit=fc.fraction_fit, fraction_evaluate=0.0, min_fit_clients=1, min_evaluate_clients=1,
@@ -334,7 +426,8 @@ def _client_command(fc: FederateConfig, server: str, shard: int) -> list[str]:
     cmd = [sys.executable, "-m", "llmkit", "federate", "--role", "client", "--server", server,
            "--shard", f"{shard}/{fc.clients}"]
     for k, v in asdict(fc).items():
-        if k in ("out", "clients", "rounds", "strategy", "mu", "fraction_fit", "round_timeout") or v is None:
+        if k in ("out", "clients", "rounds", "strategy", "mu", "fraction_fit", "round_timeout", "dp_epsilon",
+                 "dp_delta", "dp_clip") or v is None:
             continue
         cmd += [f"--{k.replace('_', '-')}", ",".join(v) if isinstance(v, list) else str(v)]
     return cmd
@@ -351,6 +444,7 @@ def federate(fc: FederateConfig, role: str = "local", listen: str | None = None)
     out = Path(fc.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not empty; choose a new --out")
+    dp = ClientDP(fc) if fc.dp_epsilon is not None else None  # an unreachable epsilon fails here
     p = build(fc)
     labels = [e["labels"] for e in p["train"]] if p["task"] == "classify" else None
     shards = split_shards(len(p["train"]), fc.clients, fc.split, labels, fc.seed)  # fails here on bad splits
@@ -369,7 +463,11 @@ def federate(fc: FederateConfig, role: str = "local", listen: str | None = None)
         with open(metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    strategy = _strategy(fc, p, log_row)
+    strategy = _strategy(fc, p, log_row, dp)
+    if dp is not None:
+        print(f"client-level DP: clip {dp.clip:g}, noise multiplier {dp.noise:.3f} over {dp.m} clients a round "
+              f"(target epsilon {fc.dp_epsilon:g} at delta {fc.dp_delta:g} after {fc.rounds} rounds)",
+              file=sys.stderr, flush=True)
     address = listen or f"127.0.0.1:{free_port()}"
     procs = []
     if role == "local":
@@ -400,6 +498,11 @@ def federate(fc: FederateConfig, role: str = "local", listen: str | None = None)
                   bytes_sent=sum(r.get("bytes_sent", 0) for r in rows),
                   bytes_received=sum(r.get("bytes_received", 0) for r in rows),
                   client_failures=sum(r.get("clients_failed", 0) for r in rows))
+    if dp is not None:
+        summary = dp.summary(len(rows) - 1)
+        result["epsilon"] = summary["epsilon_spent"]
+        cfg = json.loads((out / "run_config.json").read_text())
+        write_json(out / "run_config.json", {**cfg, "dp": summary})
     return result
 
 

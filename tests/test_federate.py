@@ -111,3 +111,73 @@ def test_bad_input_exits_2_and_writes_nothing(base, tmp_path, capsys, flags, mes
 def test_client_role_needs_a_server(base, capsys):
     rc = main(["federate", "--role", "client", "--model", str(base), "--data", str(SST)])
     assert rc == 2 and "--server" in capsys.readouterr().err
+
+
+def test_client_level_dp_clips_each_update_and_adds_calibrated_noise():
+    from llmkit.federate import ClientDP, FederateConfig
+
+    fc = FederateConfig(model="m", data="d", out="o", clients=4, rounds=5, dp_epsilon=8.0, dp_clip=1.0)
+    dp = ClientDP(fc)
+    assert dp.m == 4 and dp.sample_rate == 1.0 and dp.noise > 0
+    assert 7.9 <= dp.epsilon(5) <= 8.0 and dp.epsilon(1) < dp.epsilon(5)
+    g = [np.zeros((3, 4), np.float32), np.ones(5, np.float32)]
+    big = [np.full((3, 4), 10.0, np.float32), np.ones(5, np.float32)]  # update norm sqrt(12) * 10: clipped to 1
+    small = [np.full((3, 4), 0.01, np.float32), np.ones(5, np.float32)]  # norm ~0.035: kept as it is
+    dp.noise = 0.0
+    new, info = dp.aggregate(g, [big, small])
+    assert info["clipped"] == 1 and info["update_norms"][0] == pytest.approx(np.sqrt(12) * 10, rel=1e-5)
+    expect = (np.full((3, 4), 1 / np.sqrt(12)) + 0.01) / 4  # uniform mean over the planned 4 clients
+    np.testing.assert_allclose(new[0], expect, rtol=1e-5)
+    np.testing.assert_allclose(new[1], 1.0)
+    assert new[0].dtype == np.float32
+    dp.noise = 2.0  # the noise on the mean has standard deviation noise * clip / m
+    zeros = [np.zeros(200_000, np.float32)]
+    new, _ = dp.aggregate(zeros, [zeros])
+    assert new[0].std() == pytest.approx(2.0 * 1.0 / 4, rel=0.02)
+
+
+def test_server_and_clients_started_apart_with_client_level_dp(base, tmp_path):
+    """The multi-machine commands (a server, then clients that each hold their shard) as separate processes."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fed"
+    common = ["--model", str(base), "--data", str(SST), "--batch-size", "4", "--local-steps", "1", "--lora-r", "4",
+              "--connect-timeout", "120"]
+    cmd = [sys.executable, "-m", "llmkit", "federate"]
+    server = subprocess.Popen(cmd + ["--role", "server", "--listen", f"127.0.0.1:{port}", "--clients", "2",
+                                     "--rounds", "2", "--dp-epsilon", "50", "--dp-clip", "0.5", "--out", str(out),
+                                     *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    clients = [subprocess.Popen(cmd + ["--role", "client", "--server", f"127.0.0.1:{port}", "--shard", f"{i}/2",
+                                       *common], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+    try:
+        stdout, stderr = server.communicate(timeout=600)
+        client_err = [c.communicate(timeout=120)[1] for c in clients]
+    finally:
+        for proc in [server, *clients]:
+            proc.kill()
+    assert server.returncode == 0, stderr
+    assert all(c.returncode == 0 for c in clients), client_err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[1]["clients_ok"] == 2
+    assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"] <= 50
+    assert len(rows[2]["update_norms"]) == 2 and "dp_clipped" in rows[2]
+    dp = json.loads((out / "run_config.json").read_text())["dp"]
+    assert dp["level"] == "client" and dp["rounds"] == 2 and dp["epsilon_spent"] == pytest.approx(rows[2]["epsilon"],
+                                                                                                   abs=1e-3)
+    assert "client-level DP: clip 0.5" in stderr and "epsilon" in stdout
+    assert load_model(out).config.num_labels == 2
+
+
+def test_unreachable_client_level_epsilon_says_what_is_reachable(base, tmp_path, capsys):
+    out = tmp_path / "fed"
+    rc = main(["federate", "--model", str(base), "--data", str(SST), "--out", str(out), "--clients", "2",
+               "--rounds", "3", "--dp-epsilon", "1e-6"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "out of reach" in err[-1] and "ask for epsilon above" in err[-1]
+    assert not out.exists()
