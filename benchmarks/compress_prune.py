@@ -103,14 +103,18 @@ def main():
     record("structured 25% heads+mlp", small, s, plan=plan,
            non_embedding_params=P.non_embedding_params(small), dense_non_embedding=P.non_embedding_params(dense))
     if args.recover:
-        pc = P.PruneConfig(model="default", out=None, method="structured", calib_data=args.calib,
-                           recover=args.recover, recover_lr=5e-5, recover_batch_size=2, progress=False)
         rec = P._recovery_examples(tok, args.calib, 128, 2)
         rec = (rec[0], rec[1][:4])  # a small validation slice: the benchmark scores WikiText-2 test itself
-        t0 = time.time()
-        res = P._recover(small, lm, rec, pc, keep_zeros=False)
-        record(f"structured 25% + recover {args.recover}", small, s + time.time() - t0,
-               recovery={k: res.get(k) for k in ("train_loss", "val_loss")})
+        for how, lr in (("full", 5e-5), ("lora", 5e-4)):  # the same steps and data; LoRA: r 16 on every linear
+            pc = P.PruneConfig(model="default", out=None, method="structured", calib_data=args.calib,
+                               recover=args.recover, recover_method=how, recover_lr=lr, recover_batch_size=2,
+                               progress=False)
+            m = copy.deepcopy(small)
+            t0 = time.time()
+            res = P._recover(m, lm, rec, pc, keep_zeros=False)
+            record(f"structured 25% + {how} recover {args.recover}", m, s + time.time() - t0,
+                   recovery={"method": how, "lr": lr, **{k: res.get(k) for k in ("train_loss", "val_loss")}})
+            del m
     del small
 
     # sweep
@@ -134,7 +138,7 @@ def main():
         "benchmark": f"WikiText-2 test token perplexity, first {args.ppl_chars} characters ({len(tokens)} tokens), "
                      f"{args.context}-token windows; calibration {args.calib_samples} x {args.calib_len} tokens of "
                      f"WikiText-2 valid; "
-                     f"recovery {args.recover} steps of 2 x 128 tokens",
+                     f"recovery {args.recover} steps of 2 x 128 tokens (full: lr 5e-5; LoRA r 16: lr 5e-4)",
         "model": "SmolLM2-135M-Instruct (default, Q4_1 GGUF dequantized, float32)",
         "command": "flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD .venv/bin/python benchmarks/compress_prune.py"
                    + "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
@@ -149,7 +153,6 @@ def main():
         "torch_threads": torch.get_num_threads(), "load_before": load_before,
         "load_after": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "seconds": round(time.time() - t_start, 1),
-        "note": "machine shared with other jobs: seconds are indicative only",
     }
     evaluate.write_results(args.out, result)
     print("\n| model | WikiText-2 ppl | prune s |\n|---|---:|---:|")

@@ -6,10 +6,15 @@ DP-SGD through Opacus (Poisson sampling, per-example clipping, calibrated noise;
 2-core CPU, so accuracies are far below a full run's (the field's reference, Yu et al. 2022: RoBERTa-large MNLI 87.8 %
 at epsilon 6.7 vs 90.2 % without privacy, after full training on 393k examples).
 
+--max-grad-norm matters more than anything else here: the head's per-example gradients have norms of tens (the last
+hidden state is large), and clipping them to 1 makes every example weigh the same however well it is classified, so
+the runs drift to one class (README, "Choosing --max-grad-norm"). The recorded run uses 40.
+
     flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/finetune_sst2_dp.py
 """
 import argparse
 import json
+import os
 import random
 import shlex
 import shutil
@@ -98,13 +103,14 @@ def main():
         r["accuracy_gap_vs_non_private"] = round(base["dev_accuracy"] - r["dev_accuracy"], 4)
         r["step_time_ratio_vs_non_private"] = round(r["seconds_per_step"] / base["seconds_per_step"], 2)
     result = {
-        "model": "SmolLM2-135M-Instruct (default) + LoRA (all linears, top layers) + classification head",
+        "model": f"SmolLM2-135M-Instruct (default) + LoRA ({args.lora_targets}, top {args.top_layers} blocks) + "
+                 "classification head",
         "data": f"SST-2 random subsets: {args.train_size} train (64 held out for validation), {args.dev_size} dev",
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "delta": args.delta,
         "max_grad_norm": args.max_grad_norm, "accountant": "prv", "lora_r": args.lora_r,
         "lora_targets": args.lora_targets, "trainable_parameters": trainable,
         "top_layers": args.top_layers, "max_length": args.max_length, "threads": torch.get_num_threads(),
-        "machine": "shared 2-core CPU, loaded by other jobs: step times are relative, compare the ratios",
+        "load_average_after": round(os.getloadavg()[0], 2),
         "reference": "Yu et al. 2022 (RoBERTa-large, MNLI): 87.8 % at epsilon 6.7 vs 90.2 % non-private",
         "runs": runs, "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
     }

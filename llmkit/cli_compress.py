@@ -86,7 +86,10 @@ def add_prune(sub):
     a("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
     a("--calib-seq-len", type=int, default=128, help="tokens per calibration sample (default 128)")
     a("--recover", type=int, default=0, metavar="STEPS",
-      help="then fine-tune all weights for STEPS steps on --calib-data (pruned weights stay zero)")
+      help="then fine-tune for STEPS steps on --calib-data (pruned weights stay zero)")
+    a("--recover-method", choices=["full", "lora"], default="full",
+      help="recovery fine-tunes all weights (full, default) or LoRA adapters on every linear, merged at the end "
+      "(lora; structured pruning only)")
     a("--recover-lr", type=float, default=5e-5, help="recovery learning rate (default 5e-5)")
     a("--recover-batch-size", type=int, default=4, help="recovery batch size (default 4)")
     _common(p)
@@ -100,6 +103,7 @@ def cmd_prune(args):
     pc = PruneConfig(model=args.model, out=args.out, method=args.method, sparsity=args.sparsity,
                      pattern=args.pattern, target=args.target, ratio=args.ratio, calib_data=args.calib_data,
                      calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, recover=args.recover,
+                     recover_method=args.recover_method,
                      recover_lr=args.recover_lr, recover_batch_size=args.recover_batch_size, seed=args.seed,
                      device=args.device, progress=args.progress, report=args.report,
                      report_kwargs=report_kwargs(args))

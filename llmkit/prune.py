@@ -433,7 +433,8 @@ class PruneConfig:
     calib_data: str | None = None
     calib_samples: int = 128
     calib_seq_len: int = 128
-    recover: int = 0  # optimizer steps of full fine-tuning on calib_data afterwards (pruned weights stay zero)
+    recover: int = 0  # optimizer steps of fine-tuning on calib_data afterwards (pruned weights stay zero)
+    recover_method: str = "full"  # full | lora (structured only: merged into the smaller model at the end)
     recover_lr: float = 5e-5
     recover_batch_size: int = 4
     seed: int = 0
@@ -482,6 +483,11 @@ def prune_model(pc: PruneConfig) -> dict:
                              f"{pc.sparsity} or make it match")
     if pc.recover < 0:
         raise ValueError(f"--recover must be >= 0 steps, got {pc.recover}")
+    if pc.recover_method not in ("full", "lora"):
+        raise ValueError(f"--recover-method must be full or lora, not {pc.recover_method!r}")
+    if pc.recover and pc.recover_method == "lora" and not structured:
+        raise ValueError("--recover-method lora is for structured pruning: a merged LoRA update is dense and would "
+                         "undo the sparsity; use --recover-method full (pruned weights stay zero)")
     needs_calib = structured or pc.method in ("wanda", "sparsegpt") or pc.recover > 0
     if needs_calib and not pc.calib_data:
         raise ValueError(f"--method {pc.method}{' with --recover' if pc.recover else ''} needs calibration text: "
@@ -527,7 +533,8 @@ def prune_model(pc: PruneConfig) -> dict:
     # ---- recover (the shared training loop writes checkpoints/, metrics.jsonl, loss.png and the model into out)
     if pc.recover:
         result = _recover(model, lm, rec, pc, keep_zeros=not structured)
-        info["recovery"] = {"steps": pc.recover, "lr": pc.recover_lr, **{k: result.get(k) for k in
+        info["recovery"] = {"steps": pc.recover, "method": pc.recover_method, "lr": pc.recover_lr,
+                            **{k: result.get(k) for k in
                             ("train_loss", "val_loss", "val_ppl")}}
     else:
         save_model(pc.out, model, tok, lm.generation_config, dtype=storage_dtype(pc.model))
@@ -550,6 +557,12 @@ def _recover(model, lm, rec, pc: PruneConfig, keep_zeros: bool) -> dict:
         for _, lin in block_linears(model):
             mask = (lin.weight != 0).to(lin.weight.dtype)
             handles.append(lin.weight.register_hook(lambda g, m=mask: g * m))
+    if pc.recover_method == "lora":  # adapters on every linear of every block; merged back before saving
+        from llmkit import lora as lora_lib
+
+        for q in model.parameters():
+            q.requires_grad_(False)
+        lora_lib.inject_lora(model, lora_lib.LoRAConfig(r=16, alpha=32.0, dropout=0.0, targets=["all"]))
     pad = _pad_id(lm.tokenizer, model.config)
     tr, va = ExampleLoader(rec[0], pc.recover_batch_size, pad, seed=pc.seed), \
         ExampleLoader(rec[1], pc.recover_batch_size, pad, shuffle=False)
@@ -557,10 +570,19 @@ def _recover(model, lm, rec, pc: PruneConfig, keep_zeros: bool) -> dict:
                      eval_every=0, eval_steps=min(len(va), 20), log_every=max(1, pc.recover // 20), seed=pc.seed,
                      device=pc.device, out=pc.out, progress=pc.progress)
     model.train()
+
+    def save_fn(d, m):
+        if pc.recover_method == "lora":  # a plain (smaller) model folder: the adapters merged into a copy
+            import copy
+
+            from llmkit.lora import merge_lora
+
+            m = merge_lora(copy.deepcopy(m))
+        save_model(d, m, lm.tokenizer, lm.generation_config, dtype=dtype)
+
     try:
         dtype = storage_dtype(pc.model) if pc.model else None
-        return train(model, tr, clm_loss, tc, val_data=va,
-                     save_fn=lambda d, m: save_model(d, m, lm.tokenizer, lm.generation_config, dtype=dtype),
+        return train(model, tr, clm_loss, tc, val_data=va, save_fn=save_fn,
                      run_config={"prune": {k: v for k, v in pc.__dict__.items() if k != "report_kwargs"}})
     finally:
         for h in handles:
@@ -573,7 +595,8 @@ def _report(pc: PruneConfig, info: dict, nm, structured: bool) -> Path:
 
     rows = [cr.measure(pc.model, name="before", **pc.report_kwargs),
             cr.measure(pc.out, name=f"{pc.method}" + (f" {pc.pattern}" if not structured else f" {pc.target}")
-                       + (f" +recover {pc.recover}" if pc.recover else ""),
+                       + (f" +recover {pc.recover}" + (" lora" if pc.recover_method == "lora" else "")
+                          if pc.recover else ""),
                        run_seconds=info["run_seconds"], **pc.report_kwargs)]
     notes = []
     if not structured:

@@ -209,18 +209,32 @@ def test_prune_command_writes_model_config_and_report(llama_dir, tmp_path, capsy
     assert "| model | params |" in capsys.readouterr().out
 
 
-def test_structured_prune_with_recovery_through_the_training_loop(llama_dir, tmp_path):
+@pytest.mark.parametrize("how", ["full", "lora"])
+def test_structured_prune_with_recovery_through_the_training_loop(llama_dir, tmp_path, how):
     out = tmp_path / "s"
-    rc = main(["prune", "--model", str(llama_dir), "--out", str(out), "--method", "structured", "--target",
-               "heads,mlp", "--ratio", "0.5", "--calib-data", str(CALIB), "--calib-samples", "4",
-               "--calib-seq-len", "32", "--recover", "3", "--recover-batch-size", "2", "--no-report",
-               "--no-progress"])
+    flags = ["--model", str(llama_dir), "--method", "structured", "--target", "heads,mlp", "--ratio", "0.5",
+             "--calib-data", str(CALIB), "--calib-samples", "4", "--calib-seq-len", "32", "--no-report",
+             "--no-progress"]
+    rc = main(["prune", "--out", str(out), *flags, "--recover", "3", "--recover-batch-size", "2",
+               "--recover-method", how, "--recover-lr", "1e-2"])
     assert rc == 0
     cfg = load_model(out).config
     assert (cfg.n_head, cfg.n_kv_head, cfg.intermediate_size) == (2, 1, 64)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and "val_loss" in rows[-1]
     assert (out / "loss.png").is_file() and (out / "checkpoints").is_dir()
+    from safetensors.torch import load_file
+
+    recovered = load_file(str(out / "model.safetensors"))
+    assert not any("lora" in k for k in recovered)  # lora: merged into a plain model folder
+    assert main(["prune", "--out", str(tmp_path / "p"), *flags]) == 0
+    plain = load_file(str(tmp_path / "p" / "model.safetensors"))
+    assert set(plain) == set(recovered)
+    moved = [k for k in plain if not torch.equal(plain[k], recovered[k])]
+    assert any("q_proj" in k for k in moved)  # the recovery changed the block weights (LoRA: through the merge)
+    if how == "lora":  # only the linears LoRA adapts moved; norms and embeddings are frozen
+        assert all(k.endswith("proj.weight") for k in moved)
+    assert json.loads((out / "prune_config.json").read_text())["recovery"]["method"] == how
 
 
 def test_recovery_keeps_pruned_weights_at_zero(llama_dir, tmp_path):
@@ -257,6 +271,7 @@ def test_compare_prints_the_table_for_model_folders(llama_dir, tmp_path, capsys)
     (["--method", "wanda", "--sparsity", "0.5", "--calib-data", "EMPTY"], "empty"),
     (["--method", "wanda", "--sparsity", "0.5", "--calib-data", "SHORT"], "too short"),
     (["--method", "wanda", "--sparsity", "0.5", "--calib-data", "missing.txt"], "not found"),
+    (["--sparsity", "0.5", "--recover", "2", "--recover-method", "lora", "--calib-data", "SHORT"], "undo the sparsity"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama_dir, tmp_path, capsys, flags, msg):
     (tmp_path / "EMPTY").write_text("")
