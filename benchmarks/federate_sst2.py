@@ -4,13 +4,14 @@ the union of their data that sees the same number of examples.
 Both start from the default model + the same LoRA + head initialisation, use the same batch size, constant learning
 rate and LoRA set-up, and are scored on the same SST-2 dev subset. The federated run is `llmkit federate` in local
 mode (server + 4 client processes on loopback, FedAvg, full participation); the centralised one is `llmkit finetune`
-for rounds x clients x local steps steps. A subset and few rounds keep it under ~8 minutes on a shared 2-core CPU,
-where the 4 client processes compete for the same cores: wall times are this machine's, not a real deployment's.
+for rounds x clients x local steps steps. On one 2-core CPU the 4 client processes compete for the same cores:
+wall times are this machine's, not a real deployment's.
 
     flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/federate_sst2.py
 """
 import argparse
 import json
+import os
 import random
 import shlex
 import shutil
@@ -95,7 +96,8 @@ def main():
     cen_acc = dev_accuracy(cen_out, dev, args.max_length)
 
     result = {
-        "model": "SmolLM2-135M-Instruct (default) + LoRA (all linears, top layers) + classification head",
+        "model": f"SmolLM2-135M-Instruct (default) + LoRA (all linears, top {args.top_layers} blocks) + "
+                 "classification head",
         "data": f"SST-2 random subsets: {args.train_size} train (64 held out for the server's validation), "
                 f"{args.dev_size} dev",
         "clients": args.clients, "split": args.split, "shard_sizes": shards, "rounds": args.rounds,
@@ -108,7 +110,8 @@ def main():
                         "train_seconds": round(cen["time"], 1)},
         "accuracy_gap": round(cen_acc - fed_acc, 4),
         "wall_time_ratio_federated_vs_centralised": round(fed_wall / cen_wall, 2),
-        "machine": "shared 2-core CPU loaded by other jobs; the federated run's 4 client processes share those cores",
+        "machine": "one 2-core CPU: the federated run's server and 4 client processes share its cores",
+        "load_average_after": round(os.getloadavg()[0], 2),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
     }
     write_results(RESULTS / "federate_sst2.json", result)
