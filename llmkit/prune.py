@@ -534,8 +534,7 @@ def prune_model(pc: PruneConfig) -> dict:
     if pc.recover:
         result = _recover(model, lm, rec, pc, keep_zeros=not structured)
         info["recovery"] = {"steps": pc.recover, "method": pc.recover_method, "lr": pc.recover_lr,
-                            **{k: result.get(k) for k in
-                            ("train_loss", "val_loss", "val_ppl")}}
+                            **{k: result.get(k) for k in ("train_loss", "val_loss", "val_ppl")}}
     else:
         save_model(pc.out, model, tok, lm.generation_config, dtype=storage_dtype(pc.model))
     info["run_seconds"] = time.time() - t0
