@@ -54,6 +54,10 @@ def main():
     ap.add_argument("--teacher-cache", action="store_true",
                     help="KD reads the teacher's top-k from a cache built once before its run (not on the fly)")
     ap.add_argument("--top-k", type=int, default=64, help="tokens per position in the teacher cache")
+    ap.add_argument("--cache-dir", default=None, help="keep the teacher cache here (reused when it matches)")
+    ap.add_argument("--reuse-ce", default=None, metavar="JSON",
+                    help="take the CE-only run, teacher and untrained-student rows from this earlier result (same "
+                    "budget, lr, block, batch and scoring flags, checked) and run only KD")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compress_distill.json"))
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a machine loaded by other jobs, fewer thread hand-offs)")
@@ -93,14 +97,24 @@ def main():
               file=sys.stderr, flush=True)
         return row
 
-    runs = {}
-    for name, alpha in (("ce_only", 0.0), ("kd", args.alpha)):
+    runs, reused = {}, None
+    plan = (("ce_only", 0.0), ("kd", args.alpha))
+    if args.reuse_ce:
+        reused = json.loads(Path(args.reuse_ce).read_text())
+        same = ("minutes", "lr", "block", "batch_size", "eval_every", "ppl_chars", "context", "eval_limit", "threads")
+        differ = [k for k in same if reused["args"].get(k) != getattr(args, k)]
+        if differ:
+            sys.exit(f"--reuse-ce {args.reuse_ce}: its {', '.join(differ)} differ from this run's")
+        runs["ce_only"] = reused["runs"]["ce_only"]
+        plan = plan[1:]
+    for name, alpha in plan:
         out = tmp / name
         dc = DistillConfig(teacher="default", data=str(SHARED / "wikitext-2" / "valid.txt"), out=str(out),
                            student=str(tmp / "student0"), loss=args.loss, temperature=args.temperature, alpha=alpha,
                            task="text", val_data=str(tmp / "val.txt"), max_length=args.block,
                            batch_size=args.batch_size, progress=False, report=False, top_k=args.top_k,
-                           teacher_cache=str(tmp / "cache") if args.teacher_cache and alpha > 0 else None)
+                           teacher_cache=(args.cache_dir or str(tmp / "cache"))
+                           if args.teacher_cache and alpha > 0 else None)
         tc = TrainConfig(max_steps=100000, max_time=args.minutes * 60, lr=args.lr, min_lr=args.lr, warmup_steps=5,
                          weight_decay=0.0, eval_every=args.eval_every, log_every=args.eval_every, out=str(out),
                          progress=False)
@@ -110,14 +124,18 @@ def main():
         runs[name] = {"alpha": alpha, "steps": res["step"], "train_seconds": round(res["time"], 1),
                       "run_seconds": round(time.time() - t0, 1),
                       "teacher": "top-k cache" if dc.teacher_cache else ("on the fly" if alpha > 0 else "none"),
+                      "temperature": args.temperature, "loss": args.loss,
                       "final_val_ce": res.get("val_ce"),
                       "curve": [{"step": r["step"], "time": r["time"], "val_ce": r["val_ce"]}
                                 for r in curve if "val_ce" in r]}
         print(f"{name}: {res['step']} steps in {runs[name]['train_seconds']} s, val_ce {res.get('val_ce')}",
               file=sys.stderr, flush=True)
 
-    rows = [score(teacher, "teacher (30 blocks)"), score(tmp / "student0", "student before training"),
-            score(tmp / "ce_only", "student CE only"), score(tmp / "kd", f"student KD ({args.loss})")]
+    if reused:  # the teacher, the untrained student and the CE-only student as scored in that run
+        rows = [*reused["rows"][:3], score(tmp / "kd", f"student KD ({args.loss})")]
+    else:
+        rows = [score(teacher, "teacher (30 blocks)"), score(tmp / "student0", "student before training"),
+                score(tmp / "ce_only", "student CE only"), score(tmp / "kd", f"student KD ({args.loss})")]
     png = Path(args.out).with_suffix(".png")
     plot(runs, png)
     ce, kd = rows[2], rows[3]
@@ -127,7 +145,8 @@ def main():
                      f"HellaSwag acc_norm on the first {args.eval_limit} items",
         "command": "flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD .venv/bin/python benchmarks/compress_distill.py"
                    + "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != ap.get_default(k)),
-        "sizes": sizes, "runs": runs, "rows": rows,
+        "args": vars(args), "sizes": sizes, "runs": runs, "rows": rows,
+        "ce_reused_from": reused["command"] if reused else None,
         "kd_vs_ce_ppl_ratio": kd["ppl"] / ce["ppl"],
         "kd_minus_ce_acc_norm": kd["hellaswag_acc_norm"] - ce["hellaswag_acc_norm"],
         "plot": str(png.relative_to(ROOT)), "torch_threads": torch.get_num_threads(),
@@ -153,7 +172,8 @@ def plot(runs, path):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in runs.items():
-        label = "CE only" if name == "ce_only" else f"KD (alpha {r['alpha']})"
+        label = "CE only" if name == "ce_only" else \
+            f"KD ({r.get('loss', 'forward_kl')}, T {r.get('temperature', 2.0):g}, alpha {r['alpha']}, {r['teacher']})"
         ax.plot([p["time"] / 60 for p in r["curve"]], [p["val_ce"] for p in r["curve"]], "o-", ms=3,
                 label=f"{label}: {r['steps']} steps")
     ax.set_xlabel("training time (minutes, same budget)")

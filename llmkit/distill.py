@@ -16,9 +16,8 @@ classifier.
 Teacher outputs come on the fly (a forward of the teacher in each step) or from a top-k cache: the teacher's k most
 likely next tokens and their log-probabilities for every position, computed once into numpy memmaps and reused
 across epochs and runs (its meta.json names the teacher, k and a hash of the token ids). With a cache the divergence
-runs over those k tokens: the teacher renormalized over them; the student's full-vocabulary probabilities at them for
-forward_kl (a cross-entropy that also pushes student mass off the other tokens), renormalized over them for the
-divergences weighted by the student (reverse_kl, symmetric_kl, jsd), so that every divergence stays >= 0.
+runs over k + 1 buckets: the teacher's k tokens and one bucket for every other token, whose mass both sides know
+(kd_loss).
 
 Students: a preset (its shape, with the teacher's vocabulary), a config.json, a model folder (e.g. a structurally
 pruned teacher from `llmkit prune`: the Minitron recipe), or a copy of the teacher keeping some blocks
@@ -61,19 +60,42 @@ def divergence(s_logp: torch.Tensor, t_logp: torch.Tensor, kind: str) -> torch.T
     raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, not {kind!r}")
 
 
+TAIL_FLOOR = -80.0  # log of an empty tail bucket (exp(-80) ~ 2e-35: zero, without 0 * log 0 = nan)
+TAIL_MIN = 1e-5  # a teacher tail below this is rounding (1 - a sum of k cached probabilities): taken as empty
+
+
+def _teacher_with_tail(logp: torch.Tensor) -> torch.Tensor:
+    """(..., k) cached log-probabilities -> (..., k + 1): the k tokens and one bucket for all the others."""
+    rest = 1 - logp.exp().sum(-1, keepdim=True)
+    rest = torch.where(rest > TAIL_MIN, rest, torch.zeros_like(rest))
+    return torch.cat([logp, rest.log().clamp(min=TAIL_FLOOR)], dim=-1)
+
+
+def _student_with_tail(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(..., V) full log-probabilities -> (..., k + 1) at ids plus the exact log-mass of every other token."""
+    rest = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
+    return torch.cat([logp.gather(-1, ids), rest.clamp(min=TAIL_FLOOR)], dim=-1)
+
+
 def kd_loss(student_logits, teacher_logits=None, *, temperature: float = 2.0, kind: str = "forward_kl",
             teacher_ids=None, teacher_logprobs=None) -> torch.Tensor:
     """T^2 * mean divergence over rows: student (N, V) against full teacher logits (N, V), or a top-k teacher
-    (ids (N, k), log-probabilities (N, k) at temperature 1)."""
+    (ids (N, k), log-probabilities (N, k) at temperature 1).
+
+    With a top-k teacher both sides become distributions over k + 1 buckets: the teacher's k tokens and "any other
+    token", whose mass is 1 - (the k tokens' mass) for the teacher (known from its log-probabilities) and for the
+    student (known exactly from its full softmax). The divergence between those is exact for the bucketed view, needs
+    no renormalization, and equals the full one when the k tokens carry all the mass. The teacher is softened as
+    a (k + 1)-way distribution, which at T > 1 gives the tail less mass than softening every tail token would (the
+    cache does not hold them); at T = 1 nothing is approximated.
+    """
     T = temperature
     s = F.log_softmax(student_logits.float() / T, dim=-1)
     if teacher_logits is not None:
         t = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    else:  # softening log p by T is log_softmax(log p / T); renormalized over the k tokens
-        t = F.log_softmax(teacher_logprobs.float() / T, dim=-1)
-        s = s.gather(-1, teacher_ids.long())
-        if kind != "forward_kl":  # these weigh by the student's probabilities: renormalize them on the k tokens too
-            s = F.log_softmax(s, dim=-1)
+    else:
+        t = F.log_softmax(_teacher_with_tail(teacher_logprobs.float()) / T, dim=-1)
+        s = _student_with_tail(s, teacher_ids.long())
     return divergence(s, t, kind).mean() * T * T
 
 

@@ -106,15 +106,23 @@ def test_top_k_cache_form_equals_the_full_teacher_when_k_is_the_vocabulary():
         full = D.kd_loss(s, t, temperature=2.0, kind=kind)
         cached = D.kd_loss(s, temperature=2.0, kind=kind, teacher_ids=top.indices, teacher_logprobs=top.values)
         torch.testing.assert_close(cached, full)
-    # with fewer tokens every divergence stays >= 0; the forward KL is a cross-entropy on the teacher's top-k
+    # with fewer tokens every divergence stays >= 0, and at T = 1 (nothing approximated) is zero at the teacher
     for kind in D.LOSSES:
         assert float(D.kd_loss(s, temperature=2.0, kind=kind, teacher_ids=top.indices[:, :3],
                                teacher_logprobs=top.values[:, :3])) >= 0
+        assert float(D.kd_loss(t, temperature=1.0, kind=kind, teacher_ids=top.indices[:, :3],
+                               teacher_logprobs=top.values[:, :3])) < 1e-5
+    # k < V: the divergence between the lumped distributions (3 tokens + "the rest"), computed here by hand
     top3 = F.log_softmax(t, -1).topk(3, -1)
-    p = F.softmax(top3.values / 2.0, -1)
-    ref = (p * (p.log() - F.log_softmax(s / 2.0, -1).gather(-1, top3.indices))).sum(-1).mean() * 4
-    torch.testing.assert_close(D.kd_loss(s, temperature=2.0, teacher_ids=top3.indices,
-                                         teacher_logprobs=top3.values), ref)
+    for T in (1.0, 2.0):
+        pt = top3.values.exp()
+        pt = torch.cat([pt, 1 - pt.sum(-1, keepdim=True)], -1) ** (1 / T)
+        pt = pt / pt.sum(-1, keepdim=True)
+        qs = F.softmax(s / T, -1).gather(-1, top3.indices)
+        qs = torch.cat([qs, 1 - qs.sum(-1, keepdim=True)], -1)
+        ref = (pt * (pt.log() - qs.log())).sum(-1).mean() * T * T
+        torch.testing.assert_close(D.kd_loss(s, temperature=T, teacher_ids=top3.indices,
+                                             teacher_logprobs=top3.values), ref)
 
 
 def test_cache_rows_are_the_teachers_top_k_for_examples_of_any_length(teacher_dir, tmp_path):
