@@ -144,7 +144,8 @@ def main():
                      f"WikiText-2 test ppl on the first {args.ppl_chars} characters ({len(tokens)} tokens), "
                      f"HellaSwag acc_norm on the first {args.eval_limit} items",
         "command": "flock /tmp/llmkit-bench.lock env PYTHONPATH=$PWD .venv/bin/python benchmarks/compress_distill.py"
-                   + "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != ap.get_default(k)),
+                   + "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                             for k, v in vars(args).items() if v != ap.get_default(k)),
         "args": vars(args), "sizes": sizes, "runs": runs, "rows": rows,
         "ce_reused_from": reused["command"] if reused else None,
         "kd_vs_ce_ppl_ratio": kd["ppl"] / ce["ppl"],
