@@ -120,6 +120,9 @@ class Int8Linear(QuantLinear):
         # kernel's vector loads crash on those
         self.register_buffer("qweight", qweight.to(torch.int8).clone(memory_format=torch.contiguous_format))
         self.register_buffer("kscales", scales.to(self.act_dtype).clone())  # the kernel wants x's dtype
+        # the float32 scales, for saving and dequantizing: a folder must not depend on which activation dtype this
+        # process measured faster (bf16-rounded scales in one process, float32 in the next)
+        self.register_buffer("scales32", scales.float().clone(), persistent=False)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias=None):
@@ -135,11 +138,11 @@ class Int8Linear(QuantLinear):
         return F.linear(x, self.qweight.to(x.dtype)) * self.kscales  # CUDA: untested (see the module docstring)
 
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.kscales.float()[:, None]
+        return self.qweight.float() * self.scales32[:, None]
 
     def export(self) -> dict:
         """The portable tensors a model folder stores."""
-        return {"qweight": self.qweight, "scales": self.kscales.float()}
+        return {"qweight": self.qweight, "scales": self.scales32}
 
     def set_act_dtype(self, dtype):
         self.act_dtype, self.kscales = dtype, self.kscales.to(dtype)
@@ -246,7 +249,7 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids):
         t = self.table
-        return t.qweight[ids].float() * t.kscales[ids].float()[..., None]
+        return t.qweight[ids].float() * t.scales32[ids][..., None]
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -318,3 +318,17 @@ def test_gguf_q4_export_reads_back_in_gguf_and_llmkit(tiny, tmp_path, quant):
     with torch.no_grad():
         assert _rel(native(IDS), ref(IDS)) < 0.2
         assert _rel(load_gguf(path).model(IDS), native(IDS)) < 0.05  # float import of the same file
+
+
+def test_saved_scales_do_not_depend_on_the_measured_activation_dtype():
+    """A folder written by a process that fed the kernels bf16 must hold the same float32 scales as any other
+    (CI caught an int8 folder that differed from the in-memory model by bf16 rounding)."""
+    w = torch.randn(32, 64)
+    ref = Q.Int8Linear.from_float(w)
+    for dt in (torch.bfloat16, torch.float32):
+        layer = Q.Int8Linear.from_float(w)
+        layer.set_act_dtype(dt)
+        assert torch.equal(layer.export()["scales"], ref.export()["scales"])
+        assert layer.export()["scales"].dtype == torch.float32
+        assert torch.equal(layer.dequantize(), ref.dequantize())
+    assert "scales32" not in ref.state_dict()  # the folder format is unchanged
