@@ -8,17 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmkit import privacy
-from llmkit.checkpoint import load_model, save_model
+from llmkit.checkpoint import load_model
 from llmkit.cli import main
 from llmkit.config import preset
 from llmkit.data import IGNORE
 from llmkit.lora import LoRAConfig, LoRALinear, add_classifier, inject_lora
 from llmkit.model import Transformer
-from llmkit.tokenizer import Tokenizer
 
 DATA = Path(__file__).parent / "data"
 
@@ -114,22 +111,9 @@ def test_unreachable_epsilon_says_what_is_reachable():
 # end to end through the CLI
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator((DATA / "sst_train_30.tsv").read_text().splitlines(), trainer)
-    tok = Tokenizer(hf, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
-                    unk_token="<|endoftext|>", add_bos_token=False)
-    torch.manual_seed(0)
-    model = Transformer(preset("llama-tiny", vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                               n_layer=2))
-    out = tmp_path_factory.mktemp("base")
-    save_model(out, model, tok)
-    return out
+@pytest.fixture
+def base(sst_llama_base):
+    return sst_llama_base
 
 
 def _finetune(capsys, base, out, *extra):
