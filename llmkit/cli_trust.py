@@ -17,7 +17,8 @@ def register(sub):
     p.add_argument("--layers", default=None, help="layers to show, e.g. 0,1,5 or 0-3 (default: all)")
     p.add_argument("--heads", default=None, help="heads to show, e.g. 0,2 or 0-7 (default: all)")
     p.add_argument("--attributions", choices=["ig", "gxi", "none"], default="ig",
-                   help="integrated gradients (captum, with convergence delta), gradient x input, or none")
+                   help="integrated gradients (captum, with convergence delta), gradient x input, or none; a "
+                   "quantized model (int4/int8, as --dtype auto loads the default) is dequantized to float32 for them")
     p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps (default 32)")
     p.add_argument("--target", default=None, help="classifier: label to explain (default: the predicted one); "
                    "causal LM: next token to explain (default: the most likely one)")
@@ -190,6 +191,9 @@ def cmd_explain(args):
                                 steps=args.steps, target=args.target, generate=args.generate, top_k=args.top_k)
     for f in written:
         print(f"wrote {f}", file=sys.stderr)
+    attr = json.loads((out / "explain.json").read_text(encoding="utf-8")).get("attributions")
+    if attr:
+        print(f"attributions ({attr['method']}) computed in {attr['precision']}", file=sys.stderr)
     return 0
 
 

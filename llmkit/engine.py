@@ -12,6 +12,7 @@ Sampling parameters, the sampler and the per-request state are sampling.py's (re
 """
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -23,6 +24,13 @@ from llmkit.sampling import (  # noqa: F401  (re-exported: the public API has al
     Completion, RequestState, SamplingParams, apply_penalties, filter_logits, sample_next, stop_prefix_len)
 
 INITIAL_DECODE_ROOM = 64  # tokens a new row's storage holds beyond its prompt before it first grows
+
+# Batch invariance. By default rows share one forward: the matrix products of a step see 1 to N rows, and a kernel
+# may sum in another order for another row count (torch's float32 path switches kernels at 16 rows, bf16 weights at
+# 3), so the last bits of a row's hidden states can depend on its neighbours, and at a near-tie so can a greedy
+# token. With batch_invariant=True (serve/generate --batch-invariant, as vLLM's mode) each row runs its own forward
+# and LM head, prompts are prefilled whole and the prefix cache is not read: a row computes exactly what it would
+# alone, at the cost of batching's speed (benchmarks/batch_invariance.py measures both).
 
 
 @dataclass
@@ -51,11 +59,13 @@ class _Row:
 class DecodeBatch:
     """The running rows of one model: their KV cache, prefill, sampling, stops, logprobs and logits processors."""
 
-    def __init__(self, model: Transformer, pool: BlockPool, max_rows: int = 64, prefill_chunk: int = 512):
+    def __init__(self, model: Transformer, pool: BlockPool, max_rows: int = 64, prefill_chunk: int = 512,
+                 batch_invariant: bool = False):
+        """batch_invariant: every row computes exactly what it would alone (see the note on batch invariance)."""
         if max_rows < 1 or prefill_chunk < max_rows:
             raise ValueError(f"need max_rows >= 1 and prefill_chunk >= max_rows, got {max_rows}, {prefill_chunk}")
         self.model, self.pool, self.cfg = model, pool, model.config
-        self.max_rows, self.prefill_chunk = max_rows, prefill_chunk
+        self.max_rows, self.prefill_chunk, self.batch_invariant = max_rows, prefill_chunk, batch_invariant
         param = next(model.parameters())
         self.device, self.dtype = param.device, model.activation_dtype
         self.rows: dict[int, _Row] = {}  # in admission order
@@ -98,7 +108,7 @@ class DecodeBatch:
         cap = min(row.blocks * bs, len(st.prompt_ids) + min(st.max_new, INITIAL_DECODE_ROOM))
         row.kv = RowKV(self.cfg, -(-cap // bs) * bs, self.dtype, self.device)
         cache = self.pool.cache
-        if cache is not None and not st.prompt_logprobs:  # scoring needs every prompt position's logits
+        if cache is not None and not st.prompt_logprobs and not self.batch_invariant:  # scoring: every position
             for b, (k, v) in enumerate(cache.lookup(st.prompt_ids, len(st.prompt_ids) - 1)):
                 row.kv.k[:, :, b * bs:(b + 1) * bs], row.kv.v[:, :, b * bs:(b + 1) * bs] = k, v
                 row.kv.length = row.computed = (b + 1) * bs
@@ -145,7 +155,9 @@ class DecodeBatch:
                 self._fail(row, e, events)
         if picking:
             with torch.inference_mode():  # one LM-head product for every row: the head is the largest weight
-                logits = self.model.logits(torch.stack([h for _, h in picking]))
+                hs = torch.stack([h for _, h in picking])
+                # batch-invariant: a fresh tensor per row, so that even the alignment its kernels see is its own
+                logits = [self.model.logits(h[None])[0] for h in hs] if self.batch_invariant else self.model.logits(hs)
             self._sample([(r, lg) for (r, _), lg in zip(picking, logits)], events)
         for row in [r for r in self.rows.values() if r.state.finish_reason is not None]:  # prefill-only rows
             events.append(Event(row.state.id, "done"))
@@ -155,14 +167,17 @@ class DecodeBatch:
     def _plan(self) -> list[tuple[_Row, list[int]]]:
         """Which tokens each row feeds this step: one per decoding row, then prompt chunks in arrival order."""
         plan = [(r, [r.next_input]) for r in self.rows.values() if r.decoding]
-        # chunks only matter while streams are running; alone, a prompt is prefilled whole (fewer, larger products)
-        budget = self.prefill_chunk - len(plan) if plan else self.cfg.max_position_embeddings
+        # chunks only matter while streams are running; alone, a prompt is prefilled whole (fewer, larger products),
+        # and always in batch-invariant mode (a row's products must not depend on what else runs)
+        alone = not plan or self.batch_invariant
+        budget = self.cfg.max_position_embeddings if alone else self.prefill_chunk - len(plan)
         for r in self.rows.values():
             if budget <= 0:
                 break
             if not r.decoding and r.leader is None:
                 prompt = r.state.prompt_ids
-                take = min(len(prompt) - r.computed, budget)
+                take = len(prompt) - r.computed  # batch-invariant: whole, as alone (each row runs its own forward)
+                take = take if self.batch_invariant else min(take, budget)
                 plan.append((r, prompt[r.computed:r.computed + take]))
                 budget -= take
         for r, ids in plan:
@@ -176,6 +191,11 @@ class DecodeBatch:
 
     def _forward(self, plan, events) -> dict[int, torch.Tensor]:
         """Hidden states (n, C) of each planned row's new tokens; a failing batch is retried row by row."""
+        if self.batch_invariant and len(plan) > 1:  # each row alone: the same products as without the others
+            out = {}
+            for item in plan:
+                out.update(self._forward([item], events))
+            return out
         try:
             return self._run(plan)
         except Exception as e:  # noqa: BLE001
@@ -280,11 +300,12 @@ class DecodeBatch:
                 return None
             return [(r.state.prompt_ids, r.state.token_ids) for r in rs]
 
-        try:
-            return sample_next(torch.stack(logits), [r.state.p for r in rows], [r.state.generator for r in rows],
-                               history(rows)).tolist()
-        except Exception:  # noqa: BLE001
-            pass
+        if not self.batch_invariant:  # batch-invariant: each row samples alone (below)
+            try:
+                return sample_next(torch.stack(logits), [r.state.p for r in rows], [r.state.generator for r in rows],
+                                   history(rows)).tolist()
+            except Exception:  # noqa: BLE001
+                pass
         out = []
         for row, lg in zip(rows, logits):
             try:
@@ -311,9 +332,10 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer, generation_config: dict | None = None, compile: bool = False,
                  kv_cache_mb: float | None = None, block_size: int = 16, max_batch: int = 64,
-                 prefill_chunk: int = 512, prefix_caching: bool = True):
+                 prefill_chunk: int = 512, prefix_caching: bool = True, batch_invariant: bool = False):
         """compile=True runs decode steps through torch.compile (Transformer.compile_decode); kv_cache_mb bounds the
-        KV cache (default: a fifth of the free memory, see kvpool.default_kv_cache_mb)."""
+        KV cache (default: a fifth of the free memory, see kvpool.default_kv_cache_mb); batch_invariant=True gives
+        each request exactly the tokens it would get alone (see the note on batch invariance above), slower when batched."""
         self.model, self.tok = model.eval().fuse_for_decode(), tokenizer  # fused q/k/v, gate/up: faster decode
         if compile:
             model.compile_decode()
@@ -324,6 +346,7 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.pool = BlockPool(self.config, kv_cache_mb, block_size, self.dtype, prefix_caching)
         self.max_batch, self.prefill_chunk = max_batch, max(prefill_chunk, max_batch)
+        self.batch_invariant = batch_invariant
 
     def _eos_ids(self) -> set[int]:
         # generation_config and config.json EOS, plus the tokenizer's turn-ending tokens (e.g. <|im_end|>)
@@ -338,7 +361,7 @@ class Engine:
 
     def decode_batch(self, max_rows: int | None = None) -> DecodeBatch:
         """A new decode core on this engine's model and KV pool (the scheduler runs one; generate makes its own)."""
-        return DecodeBatch(self.model, self.pool, max_rows or self.max_batch, self.prefill_chunk)
+        return DecodeBatch(self.model, self.pool, max_rows or self.max_batch, self.prefill_chunk, self.batch_invariant)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  processors: list | None = None) -> list[Completion]:
@@ -350,18 +373,20 @@ class Engine:
         if isinstance(prompts, str):
             prompts = [prompts]
         states = self._requests(prompts, params, processors)
-        for _ in self._drive(states):
-            pass
+        with closing(self._drive(states)) as events:  # an exception (Ctrl-C) mid-run gives the rows' blocks back
+            for _ in events:
+                pass
         return [s.completion() for s in states]
 
     def stream(self, prompt, params: SamplingParams | None = None, processors: list | None = None) -> Iterator[str]:
         """Text pieces as they are generated; `completion = yield from engine.stream(...)` also gets the Completion."""
         states = self._requests([prompt], params, [processors] if processors else None)
-        for ev in self._drive(states):
-            if ev.kind == "error":
-                raise RuntimeError(f"generation failed: {ev.text}")
-            if ev.text:
-                yield ev.text
+        with closing(self._drive(states)) as events:  # closing this stream ends the rows now, not at garbage collection
+            for ev in events:
+                if ev.kind == "error":
+                    raise RuntimeError(f"generation failed: {ev.text}")
+                if ev.text:
+                    yield ev.text
         return states[0].completion()
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, stream: bool = False,
@@ -424,9 +449,13 @@ class Engine:
             if core.blocks_needed(st) > self.pool.n_blocks:
                 core.add(st)  # raises the pool's clear error before anything runs
         waiting = list(states)
-        while waiting or len(core):
-            while waiting and core.can_add(waiting[0]):
-                core.add(waiting.pop(0))
-            if not len(core):
-                raise ValueError("the KV cache is held by other requests; retry later")  # a concurrent DecodeBatch
-            yield from core.step()
+        try:
+            while waiting or len(core):
+                while waiting and core.can_add(waiting[0]):
+                    core.add(waiting.pop(0))
+                if not len(core):
+                    raise ValueError("the KV cache is held by other requests; retry later")  # a concurrent DecodeBatch
+                yield from core.step()
+        finally:  # a consumer that stops early (closed stream, Ctrl-C, an exception) gives its rows' blocks back
+            for rid in list(core.rows):
+                core.cancel(rid)

@@ -102,9 +102,26 @@ def _baseline(model, tok, x: torch.Tensor) -> torch.Tensor:
     return torch.where(special, x, torch.full_like(x, ref))
 
 
+def gradient_model(model) -> tuple[torch.nn.Module, str]:
+    """(a model gradients flow through, its precision in words): the model itself, or for a weight-only quantized
+    one (its int4/int8 kernels have no backward) a float32 copy with every weight dequantized exactly."""
+    import copy
+
+    from llmkit import quantize
+
+    if not quantize.is_quantized(model):
+        return model, str(next(model.parameters()).dtype).removeprefix("torch.")
+    methods = sorted({m.method for m in model.modules() if isinstance(m, quantize.QuantLinear)})
+    return quantize.dequantize_model(copy.deepcopy(model), torch.float32), \
+        f"float32 (weights dequantized from {'/'.join(methods)})"
+
+
 def attributions(lm, ids: list[int], method: str = "ig", target=None, steps: int = 32) -> dict:
     """Per-token attributions of a classifier's label or a causal LM's next token, through captum on the token
-    embeddings: LayerIntegratedGradients (with its convergence delta) or LayerGradientXActivation ("gxi")."""
+    embeddings: LayerIntegratedGradients (with its convergence delta) or LayerGradientXActivation ("gxi").
+
+    The target is the model's own prediction (unless given); a quantized model's attributions and the probability
+    shown with them are computed on its weights dequantized to float32 (gradient_model), said in "precision"."""
     from captum.attr import LayerGradientXActivation, LayerIntegratedGradients
 
     model, tok = lm.model, lm.tokenizer
@@ -118,13 +135,14 @@ def attributions(lm, ids: list[int], method: str = "ig", target=None, steps: int
     was_training = model.training
     model.eval()
 
-    def forward(inp):  # probability of every class / next token, (B, C)
+    def forward(inp, m=None):  # probability of every class / next token, (B, C)
+        m = grad_model if m is None else m
         if cfg.num_labels:
-            return model(inp, head="classify").float().softmax(-1)
-        return model(inp, last_only=True)[:, -1].float().softmax(-1)
+            return m(inp, head="classify").float().softmax(-1)
+        return m(inp, last_only=True)[:, -1].float().softmax(-1)
 
     with torch.no_grad():
-        probs = forward(x)[0]
+        probs = forward(x, model)[0]  # what the model as loaded predicts
     if cfg.num_labels:
         names = [(cfg.id2label or {}).get(str(i), str(i)) for i in range(cfg.num_labels)]
         if target is None:
@@ -145,16 +163,21 @@ def attributions(lm, ids: list[int], method: str = "ig", target=None, steps: int
                 raise ValueError(f"--target {target!r} is {len(tids)} tokens; give a text that is one token")
             t = tids[0]
         label = tok.decode([t])
-    out = {"method": method, "target": label, "target_id": t, "probability": round(float(probs[t]), 6)}
+    grad_model, precision = gradient_model(model)
+    if grad_model is not model:
+        with torch.no_grad():
+            probs = forward(x)[0]  # the probability the attributions explain
+    out = {"method": method, "target": label, "target_id": t, "probability": round(float(probs[t]), 6),
+           "precision": precision}
     try:
         if method == "ig":
-            lig = LayerIntegratedGradients(forward, model.embed_tokens)
+            lig = LayerIntegratedGradients(forward, grad_model.embed_tokens)
             attr, delta = lig.attribute(x, baselines=_baseline(model, tok, x), target=t, n_steps=steps,
                                         internal_batch_size=min(steps, 16), return_convergence_delta=True)
             out["convergence_delta"] = round(float(delta.abs().max()), 6)
             out["steps"] = steps
         else:
-            attr = LayerGradientXActivation(forward, model.embed_tokens).attribute(x, target=t)
+            attr = LayerGradientXActivation(forward, grad_model.embed_tokens).attribute(x, target=t)
     finally:
         model.train(was_training)
     scores = attr[0].sum(-1).detach().float().cpu()  # (T,): summed over the embedding dimension

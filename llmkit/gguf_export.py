@@ -109,8 +109,10 @@ def _add_tokenizer(w, tok, cfg: ModelConfig):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def export_gguf(lm: LoadedModel, out_path, quant: str = "f16", name: str | None = None) -> Path:
-    """Write `lm` as a GGUF file (F16/Q8_0/Q4_0/Q4_1 weights, F32 norms) with its tokenizer and template; atomic."""
+def export_gguf(lm: LoadedModel, out_path, quant: str = "f16", name: str | None = None, pure: bool = False) -> Path:
+    """Write `lm` as a GGUF file (F16/Q8_0/Q4_0/Q4_1 weights, F32 norms) with its tokenizer and template; atomic.
+
+    pure=True quantizes the token embedding as the other weights (llama-quantize --pure) instead of Q8_0."""
     import gguf
     from gguf.quants import quantize
 
@@ -162,7 +164,7 @@ def export_gguf(lm: LoadedModel, out_path, quant: str = "f16", name: str | None 
             if data.ndim == 1:  # norms (and biases) stay F32, as llama.cpp keeps them
                 w.add_tensor(gguf_name(k), data.astype(np.float32))
             elif qtype != gguf.GGMLQuantizationType.F16 and data.shape[-1] % 32 == 0:
-                t = gguf.GGMLQuantizationType.Q8_0 if k == "embed_tokens.weight" else qtype
+                t = gguf.GGMLQuantizationType.Q8_0 if k == "embed_tokens.weight" and not pure else qtype
                 w.add_tensor(gguf_name(k), quantize(data, t), raw_dtype=t)
             else:  # F16 (also for rows that Q8_0's 32-wide blocks do not divide)
                 w.add_tensor(gguf_name(k), data.astype(np.float16))

@@ -8,25 +8,28 @@ add a dependency and no speed). Measured on a 2-core AVX-512 EPYC with one threa
     3072 x 576            134      141       1425          96           2964          107
     49152 x 576 (head)   9933     6572      23035        3921          48192         1846
 
-so the kernels are fast only when fed bfloat16 activations there (the float32 entry points are scalar loops). Which
-one is faster depends on the CPU (AVX2-only machines emulate bf16), so `kernel_act_dtype` measures it once per
-process instead of assuming; activations are cast to that dtype around the kernel and back, so the model's hidden
-states and KV cache stay float32. Shape rules: the int4 kernel needs N % 16 == 0 and a group size of 32, 64, 128 or
+so the kernels are fast only when fed bfloat16 activations there (the float32 entry points are scalar loops). The
+kernels' input dtype is bfloat16 unless set otherwise (default_act_dtype, set_act_dtype; `--dtype auto` may choose
+float32 where it measures faster and passes a quality probe): activations are cast to it around the kernel and the
+output back to float32, so hidden states and the KV cache stay float32, rounded to bf16 only at the kernels' inputs
+and outputs. The LM head's logits are float32 on every path (model.head_logits). Shape rules: the int4 kernel needs N % 16 == 0 and a group size of 32, 64, 128 or
 256 that divides K; int8 has none. A layer the int4 kernel cannot take falls back to int8 with a warning naming it.
 
-On CUDA the same formats run `torch._weight_int4pack_mm` (bf16 activations, tinygemm layout) and a dequantizing
-matmul for int8. That path is written to the kernels' documented contracts but UNTESTED: no GPU was available.
+On CUDA the same formats would run `torch._weight_int4pack_mm` (bf16 activations, tinygemm layout, packed as torch's
+own reference helper packs) and a dequantizing matmul for int8. No GPU test has run, so a request for quantized layers
+off the CPU is a one-line error (check_device) until one does; GPUs run bfloat16.
 
 Formats (what a quantized model folder stores, see checkpoint.save_model; portable, repacked for the kernel at load):
-  int8: `qweight` int8 (N, K), `scales` float32 (N,)                         w = scales[n] * q
+  int8: `qweight` int8 (N, K), `scales` float32 (N,) or (N, K/32)           w = scales[n] * q or scales[n, k/32] * q
   int4: `qweight` uint8 (N, K/2), low nibble = even k, `scales`/`zeros` float32 (N, K/group)
         w = scales[n, g] * (q - 8) + zeros[n, g]                              (q in 0..15, torch's convention)
-GGUF's Q4_0 (d*(q-8)) and Q4_1 (d*q + m = d*(q-8) + (m + 8d)) blocks of 32 are this int4 layout exactly.
+GGUF's Q4_0 (d*(q-8)) and Q4_1 (d*q + m = d*(q-8) + (m + 8d)) blocks of 32 are this int4 layout exactly, and Q8_0
+blocks the int8 layout with block scales.
 """
 from __future__ import annotations
 
 import functools
-import time
+import os
 import warnings
 
 import torch
@@ -41,23 +44,24 @@ GROUP_SIZES = (32, 64, 128)
 # kernels
 
 
-@functools.lru_cache(maxsize=None)
-def kernel_act_dtype(device_type: str = "cpu") -> torch.dtype:
-    """Activation dtype fed to the weight-only kernels here: the faster of float32 and bfloat16, measured once."""
-    if device_type != "cpu":
-        return torch.bfloat16  # the CUDA int4 kernel takes bf16 only
-    n, k = 1024, 576
-    q = torch.randint(0, 16, (n, k), dtype=torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-    inputs = {dt: (torch.randn(1, k, dtype=dt), torch.rand(k // 32, n, 2, dtype=dt))
-              for dt in (torch.float32, torch.bfloat16)}
-    best = dict.fromkeys(inputs, float("inf"))
-    for _ in range(6):  # alternating, best of 6: a busy machine's noise hits both alike
-        for dt, (x, sz) in inputs.items():
-            t0 = time.perf_counter()
-            torch._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
-            best[dt] = min(best[dt], time.perf_counter() - t0)
-    return min(best, key=best.get)
+KERNEL_INPUTS = ("float32", "bfloat16")
+KERNEL_INPUT_ENV = "LLMKIT_KERNEL_INPUT"  # float32 or bfloat16: forces the kernels' activation dtype (tests, users)
+
+
+def default_act_dtype(device_type: str = "cpu") -> torch.dtype:
+    """Activation dtype the weight-only kernels are fed unless told otherwise (see set_act_dtype): bfloat16.
+
+    No stopwatch decides it: $LLMKIT_KERNEL_INPUT (float32 or bfloat16) if set, else bfloat16, the input torch's CPU
+    kernels vectorize (natively with AVX512_BF16/AMX, by conversion on AVX2; their float32 entry points are scalar
+    loops, 10-30x slower here) and the only one the CUDA int4 kernel takes. `--dtype auto` picks float32 inputs
+    where they measure faster and pass the quality probe (auto_dtype). The tests force both on every machine.
+    """
+    forced = os.environ.get(KERNEL_INPUT_ENV)
+    if forced:
+        if forced not in KERNEL_INPUTS:
+            raise ValueError(f"${KERNEL_INPUT_ENV} must be float32 or bfloat16, got {forced!r}")
+        return getattr(torch, forced)
+    return torch.bfloat16
 
 
 def int4_fits(n: int, k: int, group_size: int) -> str | None:
@@ -69,6 +73,37 @@ def int4_fits(n: int, k: int, group_size: int) -> str | None:
     return None
 
 
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Every 4-bit value of a packed tensor in memory order, low nibble of each byte first."""
+    b = packed.contiguous().view(torch.uint8).reshape(-1)
+    return torch.stack([b & 15, b >> 4], -1).reshape(-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _cpu_int4_layout(n: int, k: int) -> torch.Tensor | None:
+    """For each nibble of torch's CPU int4 packing of an (n, k) weight, the flat index of the element it holds.
+
+    Found from the packing itself, not assumed: pack the elements' own indices, one base-16 digit at a time. Used to
+    read weights back (dequantize, export) without a matrix product; None if the packing is not a permutation.
+    """
+    if n % 64 == 0 and n > 64:  # the packing repeats every 64 rows: derive one block, tile, verify below
+        one = _cpu_int4_layout(64, k)
+        if one is None:
+            return None
+        src = (torch.arange(n // 64, dtype=torch.int64)[:, None] * (64 * k) + one[None]).reshape(-1)
+    else:
+        idx = torch.arange(n * k, dtype=torch.int64)
+        src, shift = torch.zeros(n * k, dtype=torch.int64), 0
+        while (1 << shift) < n * k:
+            digit = ((idx >> shift) & 15).to(torch.int32).view(n, k)
+            src |= _nibbles(torch._convert_weight_to_int4pack_for_cpu(digit, 1)).long() << shift
+            shift += 4
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    back = torch.empty(n * k, dtype=torch.uint8)
+    back[src] = _nibbles(torch._convert_weight_to_int4pack_for_cpu(q, 1))
+    return src if torch.equal(back.view(n, k), q.to(torch.uint8)) else None
+
+
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """(N, K) values 0..15 -> (N, K/2) uint8, low nibble = even k."""
     q = q.to(torch.uint8)
@@ -78,6 +113,23 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8 -> (N, K) uint8 values 0..15."""
     return torch.stack([p & 15, p >> 4], -1).reshape(p.shape[0], -1)
+
+
+def pack_nibbles_tinygemm(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K/2) uint8 as torch._convert_weight_to_int4pack (CUDA) takes them: even k in the
+    HIGH nibble, the opposite of the portable pack_nibbles. The layout of torch's own reference helper,
+    torch/testing/_internal/common_quantization.py `_group_quantize_tensor`: `(out[::, ::2] << 4 | out[::, 1::2])`."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
+def check_device(device) -> None:
+    """Quantized layers run on CPUs only: no GPU test has run, so a GPU request is a one-line error, not an
+    untested path (the CUDA code below is written to torch's contracts and kept for when one does)."""
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        raise ValueError(f"int4/int8 on {dev.type} is not tested yet; use --dtype bfloat16 on GPUs "
+                         f"(or --device cpu for int4/int8)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,18 +162,33 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(QuantLinear):
-    """int8 weights with one scale per output channel (torch._weight_int8pack_mm)."""
+    """int8 weights with one scale per output channel (torch._weight_int8pack_mm), or per block of 32 along K.
+
+    Block scales (GGUF's Q8_0, the default model's token table) are kept exactly: the kernel reads a copy requantized
+    to one scale per row (its only layout), while the embedding lookup, dequantize, export and the LM head's exact
+    logits (model.head_logits) read the blocks. Requantizing cost 1.7 points of teacher-forced top-1 agreement with
+    the float32 path on the default model (0.974 vs 0.990 on 2,048 WikiText-2 tokens), so the blocks stay.
+    """
     method = "int8"
+    BLOCK = 32
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias=None):
+        """qweight (N, K) int8; scales (N,) per row or (N, K / 32) per block: w = scales * q."""
+        check_device(qweight.device)
         super().__init__(qweight.shape[1], qweight.shape[0], bias)
-        self.act_dtype = kernel_act_dtype(qweight.device.type)
+        self.act_dtype = default_act_dtype(qweight.device.type)
+        blocks = scales.dim() == 2
         # fresh, aligned copies: tensors straight from a safetensors file may sit at any byte offset, and the
         # kernel's vector loads crash on those
-        self.register_buffer("qweight", qweight.to(torch.int8).clone(memory_format=torch.contiguous_format))
+        bq = qweight.to(torch.int8).clone(memory_format=torch.contiguous_format)
+        self.register_buffer("bq", bq if blocks else None, persistent=False)
+        self.register_buffer("bscales", scales.float().clone() if blocks else None, persistent=False)
+        if blocks:
+            qweight, scales = _rows_from_blocks(bq, self.bscales)
+        self.register_buffer("qweight", bq if not blocks else qweight.clone(memory_format=torch.contiguous_format))
         self.register_buffer("kscales", scales.to(self.act_dtype).clone())  # the kernel wants x's dtype
-        # the float32 scales, for saving and dequantizing: a folder must not depend on which activation dtype this
-        # process measured faster (bf16-rounded scales in one process, float32 in the next)
+        # the float32 scales, for saving and dequantizing: a folder must not depend on the kernel input dtype of the
+        # process that wrote it (bf16-rounded scales in one process, float32 in the next)
         self.register_buffer("scales32", scales.float().clone(), persistent=False)
 
     @classmethod
@@ -138,14 +205,44 @@ class Int8Linear(QuantLinear):
         return F.linear(x, self.qweight.to(x.dtype)) * self.kscales  # CUDA: untested (see the module docstring)
 
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales32[:, None]
+        return self.exact_rows(slice(None))
 
     def export(self) -> dict:
-        """The portable tensors a model folder stores."""
+        """The portable tensors a model folder stores (the exact blocks where there are blocks)."""
+        if self.bq is not None:
+            return {"qweight": self.bq, "scales": self.bscales}
         return {"qweight": self.qweight, "scales": self.scales32}
 
+    def exact_rows(self, idx) -> torch.Tensor:
+        """(len(idx), K) float32 weights of output rows idx, exactly as stored (no bf16 rounding, blocks kept)."""
+        if self.bq is None:
+            return self.qweight[idx].float() * self.scales32[idx, None]
+        q = self.bq[idx].float()
+        return (q.view(*q.shape[:-1], -1, self.BLOCK) * self.bscales[idx][..., None]).view(q.shape)
+
+    @property
+    def kernel_step(self):
+        """Where the kernel reads weights requantized from blocks: its per-row step (each weight within half of it
+        from the exact one), or None (model.head_logits widens its bound by it)."""
+        return None if self.bq is None else self.scales32
+
     def set_act_dtype(self, dtype):
-        self.act_dtype, self.kscales = dtype, self.kscales.to(dtype)
+        self.act_dtype, self.kscales = dtype, self.scales32.to(dtype)
+
+
+def _rows_from_blocks(q: torch.Tensor, d: torch.Tensor, chunk: int = 4096):
+    """int8 blocks of 32 with scales d (N, K/32) -> (q8 (N, K), one scale per row), rounding to the nearest.
+
+    A few thousand rows at a time: a whole token table in float32 would be a transient several times its size."""
+    n, k = q.shape
+    q8, scales = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
+    for s in range(0, n, chunk):
+        qb = q[s:s + chunk].float().view(-1, k // Int8Linear.BLOCK, Int8Linear.BLOCK)
+        db = d[s:s + chunk]
+        w_abs = (qb.abs().amax(-1) * db.abs()).amax(-1)  # largest |weight| of each row
+        scales[s:s + chunk] = sc = (w_abs / 127).clamp(min=1e-12)
+        q8[s:s + chunk] = (qb * (db / sc[:, None])[..., None]).round().clamp(-127, 127).view(-1, k)
+    return q8, scales
 
 
 class Int4Linear(QuantLinear):
@@ -158,6 +255,7 @@ class Int4Linear(QuantLinear):
 
         keep_portable: also keep the portable tensors (for saving soon after, without reading the kernel's layout).
         """
+        check_device(q.device)
         n, k = q.shape
         why = int4_fits(n, k, group_size)
         if why or group_size not in (32, 64, 128, 256):
@@ -165,15 +263,21 @@ class Int4Linear(QuantLinear):
         super().__init__(k, n, bias)
         self.group_size = group_size
         dev = q.device
-        self.act_dtype = kernel_act_dtype(dev.type)
+        self.act_dtype = default_act_dtype(dev.type)
         if dev.type == "cpu":
             self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
-        else:  # CUDA tinygemm layout: untested (see the module docstring)
-            self.register_buffer("packed", torch._convert_weight_to_int4pack(pack_nibbles(q), 8))
+        else:  # CUDA tinygemm layout: untested, unreachable (check_device). Inner k-tiles: the kernel needs K to be a
+            # multiple of 16 * tiles (8 would refuse K = 576); even k in the high nibble (pack_nibbles_tinygemm)
+            tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+            self.register_buffer("packed", torch._convert_weight_to_int4pack(pack_nibbles_tinygemm(q), tiles))
         if keep_portable:
             self.__dict__["_portable"] = {"qweight": pack_nibbles(q), "scales": scales.float(), "zeros": zeros.float()}
-        # (K / group, N, 2): scale and zero interleaved, as the kernel reads them
-        self.register_buffer("sz", torch.stack([scales.float().T, zeros.float().T], -1).to(self.act_dtype).contiguous())
+        # (K / group, N, 2): scale and zero interleaved, as the kernel reads them, in the kernel's input dtype
+        sz = torch.stack([scales.float().T, zeros.float().T], -1).contiguous()
+        self.register_buffer("sz", sz.to(self.act_dtype))
+        # the float32 ones, for saving and dequantizing while the kernel reads bf16-rounded ones (as Int8Linear's
+        # scales32): a folder must not depend on the kernel input dtype of the process that wrote it
+        self.register_buffer("sz32", None if self.act_dtype == torch.float32 else sz, persistent=False)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int, bias=None, keep_portable: bool = False):
@@ -195,11 +299,18 @@ class Int4Linear(QuantLinear):
         return torch._weight_int4pack_mm(x, self.packed, self.group_size, self.sz)  # CUDA: untested
 
     def unpacked(self) -> torch.Tensor:
-        """(N, K) uint8 values 0..15, read back out of the kernel's layout by multiplying with the identity."""
+        """(N, K) uint8 values 0..15, read back out of the kernel's layout."""
         if "_portable" in self.__dict__:
             return unpack_nibbles(self._portable["qweight"])
-        k, dt = self.in_features, self.act_dtype  # the kernel's fast entry point; 0..15 are exact in bf16
-        ones = torch.zeros(k // self.group_size, self.out_features, 2, dtype=dt, device=self.packed.device)
+        n, k = self.out_features, self.in_features
+        if self.packed.device.type == "cpu":
+            src = _cpu_int4_layout(n, k)
+            if src is not None:
+                q = torch.empty(n * k, dtype=torch.uint8)
+                q[src] = _nibbles(self.packed)
+                return q.view(n, k)
+        dt = self.act_dtype  # multiplying with the identity: 0..15 are exact in bf16
+        ones = torch.zeros(k // self.group_size, n, 2, dtype=dt, device=self.packed.device)
         ones[..., 0], ones[..., 1] = 1, 8  # scale 1, zero 8: w = q
         eye = torch.eye(k, dtype=dt, device=self.packed.device)
         if self.packed.device.type == "cpu":
@@ -208,19 +319,33 @@ class Int4Linear(QuantLinear):
             q = torch._weight_int4pack_mm(eye.bfloat16(), self.packed, self.group_size, ones.bfloat16())
         return q.T.round().to(torch.uint8)
 
+    def exact_sz(self) -> torch.Tensor:
+        """(K / group, N, 2) float32 scales and zeros, never the bf16-rounded kernel copy."""
+        return self.sz if self.sz32 is None else self.sz32
+
     def dequantize(self) -> torch.Tensor:
-        s, z = self.sz.float().unbind(-1)  # (G, N)
+        s, z = self.exact_sz().unbind(-1)  # (G, N)
         q = self.unpacked().float().view(self.out_features, -1, self.group_size)
         return ((q - 8) * s.T[..., None] + z.T[..., None]).view(self.out_features, self.in_features)
 
     def export(self) -> dict:
         if "_portable" in self.__dict__:
             return dict(self._portable)
-        s, z = self.sz.float().unbind(-1)
+        s, z = self.exact_sz().unbind(-1)
         return {"qweight": pack_nibbles(self.unpacked()), "scales": s.T.contiguous(), "zeros": z.T.contiguous()}
 
+    def exact_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx), K) float32 weights of output rows idx; the first call keeps the nibbles (N * K / 2 bytes)."""
+        if "_nibbles" not in self.__dict__:  # the kernel's layout has no row access; an LM head asks row by row
+            self.__dict__["_nibbles"] = pack_nibbles(self.unpacked())
+        q = unpack_nibbles(self.__dict__["_nibbles"][idx]).float().view(len(idx), -1, self.group_size)
+        s, z = self.exact_sz()[:, idx].unbind(-1)  # (G, n)
+        return ((q - 8) * s.T[..., None] + z.T[..., None]).view(len(idx), self.in_features)
+
     def set_act_dtype(self, dtype):
-        self.act_dtype, self.sz = dtype, self.sz.to(dtype)
+        exact = self.exact_sz()
+        self.act_dtype, self.sz = dtype, exact.to(dtype)
+        self.sz32 = None if dtype == torch.float32 else exact
 
 
 class RowSlice(nn.Module):
@@ -248,8 +373,7 @@ class Int8Embedding(nn.Module):
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
 
     def forward(self, ids):
-        t = self.table
-        return t.qweight[ids].float() * t.scales32[ids][..., None]
+        return self.table.exact_rows(ids)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -332,6 +456,7 @@ def quantize_model(model, method: str, group_size: int = 32, skip=()) -> dict:
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose int8 or int4")
+    check_device(next(model.parameters()).device)
     if is_quantized(model):
         raise ValueError("this model is already quantized; quantize its float original instead")
     if method == "int4" and group_size not in GROUP_SIZES:
@@ -421,12 +546,13 @@ def set_act_dtype(model, dtype: torch.dtype):
 
 def dequantize_model(model, dtype=torch.float32):
     """Replace every quantized layer by an nn.Linear holding its dequantized weight (in place)."""
+    done = {}  # a fused layer's weight, once for all its row slices
     with torch.no_grad():
         for name, m in list(model.named_modules()):
             for child_name, child in list(m.named_children()):
                 if isinstance(child, (QuantLinear, RowSlice)):
                     t = child if isinstance(child, QuantLinear) else child.fused
-                    w = t.dequantize()
+                    w = done[id(t)] if id(t) in done else done.setdefault(id(t), t.dequantize())
                     b = t.bias
                     if isinstance(child, RowSlice):
                         w, b = w[child.start:child.end], None if b is None else b[child.start:child.end]
@@ -456,8 +582,7 @@ def from_gguf_blocks(kind: str, raw, shape: tuple[int, int]) -> tuple[str, dict]
 
     raw: the tensor's bytes, (N, bytes per row) uint8 as gguf.GGUFReader gives them.
     Q4_0 blocks are d * (q - 8), Q4_1 blocks d * q + m = d * (q - 8) + (m + 8 d): int4 with scale d, zero 0 or
-    m + 8d. Q8_0 keeps one scale per block of 32 while the int8 kernel takes one per row, so its rows are
-    requantized to a per-row scale from the int8 values (rounding to the nearest; at most half a row step).
+    m + 8d. Q8_0 is int8 with one scale per block of 32 (Int8Linear keeps them; see rows_only for other layers).
     """
     import numpy as np
 
@@ -473,12 +598,8 @@ def from_gguf_blocks(kind: str, raw, shape: tuple[int, int]) -> tuple[str, dict]
         else:
             zeros = b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) + 8 * d
         return "int4", {"qweight": pack_nibbles(q), "scales": d, "zeros": zeros}
-    if kind == "Q8_0":
-        q = b[..., 2:34].contiguous().view(torch.int8).float()  # (N, K/32, 32)
-        w_abs = (q.abs().amax(-1) * d.abs()).amax(-1)  # (N,) largest |weight| of each row
-        scales = (w_abs / 127).clamp(min=1e-12)
-        q8 = (q * (d / scales[:, None])[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
-        return "int8", {"qweight": q8, "scales": scales}
+    if kind == "Q8_0":  # blocks kept: int8 with (N, K/32) scales (see Int8Linear)
+        return "int8", {"qweight": b[..., 2:34].contiguous().view(torch.int8).reshape(n, k), "scales": d}
     raise ValueError(f"GGUF block type {kind} does not load natively (llmkit reads {', '.join(GGUF_NATIVE)})")
 
 
@@ -536,6 +657,7 @@ def build_quantized(cfg, float_sd: dict, quant: dict, device="cpu"):
     """A Transformer from float tensors and quantized layers' portable tensors ({module name: tensors}, emptied)."""
     from llmkit.model import Transformer, rope_cache
 
+    check_device(device)
     model = Transformer(cfg, device="meta")  # quant's entries are taken out as layers are built (memory)
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
@@ -547,14 +669,13 @@ def build_quantized(cfg, float_sd: dict, quant: dict, device="cpu"):
         table = quant.pop("lm_head", None) or quant.pop("embed_tokens", None) if cfg.tie_word_embeddings else None
         if table is not None:
             t = {k: v.to(device) for k, v in table.items()}
-            head = Int8Linear(t["qweight"], t["scales"], t.get("bias")) if method_of(t) == "int8" else \
-                Int8Linear.from_float(make_layer("int4", t).dequantize(), t.get("bias"))  # int4 tables: no gather
+            t = _portable_int4_to_int8(t) if method_of(t) == "int4" else t  # int4 tables: no gather, int8 rows
+            head = Int8Linear(t["qweight"], t["scales"], t.get("bias"))
             model.lm_head, model.embed_tokens = head, Int8Embedding(head)
         elif "embed_tokens" in quant:
-            t = quant.pop("embed_tokens")
-            layer = make_layer(method_of(t), {k: v.to(device) for k, v in t.items()})
-            model.embed_tokens = Int8Embedding(layer if layer.method == "int8" else Int8Linear.from_float(
-                layer.dequantize()))
+            t = {k: v.to(device) for k, v in quant.pop("embed_tokens").items()}
+            t = _portable_int4_to_int8(t) if method_of(t) == "int4" else t  # a Q4 (--pure) GGUF's embedding
+            model.embed_tokens = Int8Embedding(Int8Linear(t["qweight"], t["scales"], t.get("bias")))
         for name in ("lm_head", "mlm_dense", "pooler", "score"):
             _install(model, "", [name], quant, device)
     if quant:
@@ -584,6 +705,8 @@ def _install(parent, prefix, members, quant, device):
     for n in names:
         del quant[n]
     parts = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in p.items()} for p in parts]
+    if members != ["lm_head"]:  # blocks matter for the head's logits; elsewhere one copy, requantized per row
+        parts = [rows_only(p) for p in parts]
     if any(method_of(p) == "int4" and int4_fits(p["qweight"].shape[0], p["qweight"].shape[1] * 2,
                                                    group_size_of(p)) for p in parts):
         warnings.warn(f"{', '.join(names)}: the int4 kernel cannot take these shapes "
@@ -596,6 +719,14 @@ def _install(parent, prefix, members, quant, device):
     else:  # mixed formats (e.g. a GGUF with Q8_0 and Q4_1 in one group): separate layers, no fused kernel call
         for m, p in zip(members, parts):
             setattr(parent, m, make_layer(method_of(p), p, group_size_of(p)))
+
+
+def rows_only(p: dict) -> dict:
+    """Portable int8 tensors with one scale per row (block scales requantized); other tensors as they are."""
+    if method_of(p) != "int8" or p["scales"].dim() == 1:
+        return p
+    q8, scales = _rows_from_blocks(p["qweight"], p["scales"].float())
+    return p | {"qweight": q8, "scales": scales}
 
 
 def _portable_int4_to_int8(p: dict) -> dict:

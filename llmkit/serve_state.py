@@ -43,6 +43,7 @@ class ServeConfig:
     device: str = "cpu"
     embedding_pooling: str = "auto"  # llmkit.embed: auto|mean|last|cls
     kv_cache_mb: float | None = None  # per model; None: a fifth of the free memory
+    batch_invariant: bool = False  # each request's tokens as if it ran alone (engine.DecodeBatch)
     guard: str | None = None  # policy YAML (llmkit.safety): inputs checked, outputs guarded while streaming
 
 
@@ -109,7 +110,8 @@ class ServerState:
                 lm = spec if hasattr(spec, "model") else load_model(spec, dtype=self.cfg.dtype, device=self.cfg.device)
                 if lm.tokenizer is None:
                     raise ValueError(f"model {name!r} ({lm.path}) has no tokenizer; the server needs one")
-                engine = Engine(lm.model, lm.tokenizer, lm.generation_config, kv_cache_mb=self.cfg.kv_cache_mb)
+                engine = Engine(lm.model, lm.tokenizer, lm.generation_config, kv_cache_mb=self.cfg.kv_cache_mb,
+                                batch_invariant=self.cfg.batch_invariant)
                 self.models[name] = Served(name, engine, self._scheduler(engine))
             if self.cfg.guard:
                 from llmkit.safety import Guard

@@ -293,6 +293,91 @@ def test_stream_matches_generate(engine):
         assert final.token_ids == want.token_ids
 
 
+def test_a_stream_stopped_early_gives_its_kv_blocks_back(tok, monkeypatch):
+    """Closing a stream after one piece, an exception in the consumer's loop, Ctrl-C inside a step, or Ctrl-C in a
+    generate: each returns the rows' blocks at once; a pool that holds three requests serves a fourth afterwards
+    (issue 20: the blocks stayed reserved, 4 -> 8 -> 12, until "the KV cache is held by other requests")."""
+    model = random_model(tok.vocab_size)
+    p = SamplingParams(temperature=0, max_new_tokens=56, ignore_eos=True)
+    probe = Engine(model, tok, kv_cache_mb=1)
+    need = probe.pool.blocks_for(len(tok.encode("The quick brown fox")) + p.max_new_tokens)
+    eng = Engine(model, tok, kv_cache_mb=3 * need * probe.pool.block_bytes / 2**20)
+    assert eng.pool.n_blocks == 3 * need
+    want = eng.generate(["The quick brown fox"], p)[0]
+
+    run = eng.stream("The quick brown fox", p)  # 1: the consumer closes the generator
+    next(run)
+    assert eng.pool.reserved == need
+    run.close()
+    assert eng.pool.reserved == 0
+
+    with pytest.raises(RuntimeError, match="consumer"):  # 2: the consumer's loop raises
+        for _ in eng.stream("The quick brown fox", p):
+            raise RuntimeError("consumer stops")
+    assert eng.pool.reserved == 0
+
+    from llmkit.engine import DecodeBatch
+
+    real_step, calls = DecodeBatch.step, []
+
+    def interrupted_step(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):  # 3: Ctrl-C while a stream's step runs
+        list(eng.stream("The quick brown fox", p))
+    assert eng.pool.reserved == 0
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):  # 4: Ctrl-C during a batched generate
+        eng.generate(["The quick brown fox", "hello world"], p)
+    assert eng.pool.reserved == 0
+    monkeypatch.setattr(DecodeBatch, "step", real_step)
+
+    out = eng.generate(["The quick brown fox"] * 3, p)  # the whole pool is free again
+    assert [o.token_ids for o in out] == [want.token_ids] * 3
+    assert eng.pool.reserved == 0
+
+
+def test_chat_command_interrupted_replies_free_their_blocks(tok, monkeypatch):
+    """`llmkit chat`: Ctrl-C while a reply is printed stops that reply, keeps the chat and frees its KV blocks
+    before the next prompt; after three interrupts the fourth turn answers."""
+    import io
+    import sys
+    from types import SimpleNamespace
+
+    from llmkit import cli
+
+    lm = SimpleNamespace(model=random_model(tok.vocab_size), tokenizer=tok, generation_config={}, path="tiny")
+    monkeypatch.setattr(cli, "_load", lambda args, check=None: lm)
+    engines, make_engine = [], cli._engine
+    monkeypatch.setattr(cli, "_engine", lambda *a, **k: engines.append(make_engine(*a, **k)) or engines[-1])
+    reserved_at_prompt, lines = [], iter(["one", "two", "three", "four"])
+
+    def read_line(prompt=""):
+        reserved_at_prompt.append(engines[0].pool.reserved)
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    class Out(io.StringIO):
+        def write(self, s):
+            if s != "\n" and len(reserved_at_prompt) <= 3:  # the first piece of turns 1-3: Ctrl-C
+                raise KeyboardInterrupt
+            return super().write(s)
+
+    out = Out()
+    monkeypatch.setattr("builtins.input", read_line)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.main(["chat", "--max-new-tokens", "40", "--temperature", "0"]) == 0
+    assert reserved_at_prompt == [0, 0, 0, 0, 0]  # before each of the four turns and at the end
+    assert engines[0].pool.reserved == 0
+    assert out.getvalue().strip()  # the fourth turn answered
+
+
 def test_stream_never_splits_characters(tok):
     text = "héllo 👋🌍"
     ids = tok.encode(text, add_special_tokens=False)

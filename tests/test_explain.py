@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -121,6 +122,55 @@ def test_integrated_gradients_completeness_and_gxi(tiny_lm):
     assert len(g["scores"]) == len(ids) and "convergence_delta" not in g
     with pytest.raises(ValueError, match="one token"):
         attributions(tiny_lm, ids, "gxi", target="two words")
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_attributions_of_a_quantized_model_run_on_its_dequantized_weights(tiny_lm, method):
+    """The int4/int8 kernels have no backward (issue 20: `derivative for aten::_weight_int8pack_mm is not
+    implemented`): attributions run on a float32 copy with the weights dequantized; the model stays quantized."""
+    import copy
+
+    from llmkit.checkpoint import LoadedModel
+    from llmkit.explain import _baseline
+    from llmkit.quantize import dequantize_model, is_quantized, quantize_model
+
+    qmodel = copy.deepcopy(tiny_lm.model)
+    quantize_model(qmodel, method)
+    qlm = LoadedModel(qmodel, tiny_lm.tokenizer, {}, "tiny-q")
+    ids = tiny_lm.tokenizer.encode("Paris is the capital of")
+    a = attributions(qlm, ids, "ig", steps=64)
+    assert is_quantized(qmodel)  # untouched
+    assert a["precision"] == f"float32 (weights dequantized from {method})"
+    assert len(a["scores"]) == len(ids) and all(np.isfinite(a["scores"])) and any(s != 0 for s in a["scores"])
+    with torch.no_grad():
+        want = int(qmodel(torch.tensor([ids]), last_only=True)[0, -1].argmax())
+    assert a["target_id"] == want  # the quantized model's own prediction is what gets explained
+    # they are the float32 dequantized model's attributions: completeness against it
+    ref = dequantize_model(copy.deepcopy(qmodel))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        f = lambda inp: ref(inp, last_only=True)[:, -1].softmax(-1)[0, a["target_id"]].item()
+        gap = f(x) - f(_baseline(ref, tiny_lm.tokenizer, x))
+    assert a["probability"] == pytest.approx(f(x), abs=1e-6)
+    assert abs(sum(a["scores"]) - gap) <= a["convergence_delta"] + 1e-5
+    g = attributions(qlm, ids, "gxi")
+    assert all(np.isfinite(g["scores"])) and g["precision"] == a["precision"]
+    assert attributions(tiny_lm, ids, "gxi")["precision"] == "float32"
+
+
+def test_readme_explain_example_on_the_default_model(tmp_path):
+    """The README's first explain example. --dtype int4 is what `auto` loads the default model in on the machines
+    this was written on; given here so that the test skips auto's one-time timing (tens of seconds) and always
+    takes the quantized path."""
+    r = llmkit("explain", "The capital of France is", "--out", str(tmp_path / "why"), "--generate", "5",
+               "--dtype", "int4")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "attributions (ig) computed in float32 (weights dequantized from int4" in r.stderr
+    data = json.loads((tmp_path / "why" / "explain.json").read_text())
+    a = data["attributions"]
+    assert a["target"] == " Paris" and len(a["scores"]) == data["n_tokens"] == 5
+    assert all(np.isfinite(a["scores"])) and a["convergence_delta"] < 0.01
+    assert "Paris" in "".join(t["token"] for t in data["token_view"]["tokens"][5:])
 
 
 def test_classifier_attributions(tmp_path):

@@ -46,8 +46,12 @@ def _llmkit(*args, home):
 # layers and GGUF blocks
 
 
+KERNEL_INPUTS = pytest.mark.parametrize("kernel_input", [torch.float32, torch.bfloat16], ids=["f32-in", "bf16-in"])
+
+
+@KERNEL_INPUTS
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
-def test_gguf_blocks_load_as_gguf_dequantizes_them(kind):
+def test_gguf_blocks_load_as_gguf_dequantizes_them(kind, kernel_input):
     torch.manual_seed(0)
     w = (torch.randn(48, 128) * torch.linspace(0.1, 2, 128)).numpy().astype(np.float32)
     qtype = gguf.GGMLQuantizationType[kind]
@@ -55,18 +59,19 @@ def test_gguf_blocks_load_as_gguf_dequantizes_them(kind):
     ref = torch.from_numpy(dequantize(raw, qtype).reshape(48, 128).astype(np.float32))
     method, tensors = Q.from_gguf_blocks(kind, raw, (48, 128))
     layer = Q.make_layer(method, tensors, Q.group_size_of(tensors))
-    got = layer.dequantize()
-    if kind == "Q8_0":  # per-block scales requantized to one per row: within half a row step
-        step, eps = tensors["scales"][:, None], 2 ** -8 if layer.act_dtype == torch.bfloat16 else 1e-6
-        assert ((got - ref).abs() <= step * 0.5 + eps * ref.abs() + 1e-6).all()  # + the scale's dtype
-    else:  # exact up to the kernel's scale dtype (bf16 where that is the faster entry point)
-        eps = 2 ** -8 if layer.act_dtype == torch.bfloat16 else 1e-6
-        assert torch.allclose(got, ref, rtol=0, atol=eps * 16 * float(ref.abs().max()))
+    layer.set_act_dtype(kernel_input)
+    # the stored numbers, whatever the kernel reads: Q8_0 keeps its block scales, Q4 its float32 scales and zeros
+    # (Q4_1's zero m + 8d is one float32 rounding away from gguf's d q + m)
+    assert torch.allclose(layer.dequantize(), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
     x = torch.randn(3, 128)
-    assert _rel(layer(x), x @ ref.T) < 0.02
+    # the kernel: bf16 inputs and outputs (measured <= 0.004 relative), or float32 (Q8_0: the kernel's copy is
+    # requantized to one scale per row, measured 0.006; the LM head recomputes its top logits from the blocks)
+    tol = {torch.float32: 1e-5 if kind != "Q8_0" else 0.01, torch.bfloat16: 0.01}[kernel_input]
+    assert _rel(layer(x), x @ ref.T) < tol
 
 
-def test_default_model_q4_1_tensor_equals_gguf_dequantization():
+@KERNEL_INPUTS
+def test_default_model_q4_1_tensor_equals_gguf_dequantization(kernel_input):
     reader = gguf.GGUFReader(str(default_gguf_path()))
     t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
     assert t.tensor_type.name == "Q4_1"
@@ -75,9 +80,8 @@ def test_default_model_q4_1_tensor_equals_gguf_dequantization():
     method, tensors = Q.from_gguf_blocks("Q4_1", t.data, shape)
     assert method == "int4" and Q.group_size_of(tensors) == 32
     layer = Q.make_layer(method, tensors, 32)
-    scale_eps = 2 ** -8 if layer.act_dtype == torch.bfloat16 else 1e-6
-    # scale and zero are stored in the kernel's dtype: w = s (q - 8) + z, each rounded once
-    assert torch.allclose(layer.dequantize(), ref, rtol=0, atol=scale_eps * 16 * float(ref.abs().max()))
+    layer.set_act_dtype(kernel_input)
+    assert torch.allclose(layer.dequantize(), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
 
 
 def test_int4_rejects_shapes_the_kernel_cannot_take():
@@ -87,16 +91,26 @@ def test_int4_rejects_shapes_the_kernel_cannot_take():
         Q.Int4Linear.from_float(torch.randn(40, 64), 32)
 
 
+@KERNEL_INPUTS
 @pytest.mark.parametrize("family", ["llama-tiny", "gpt2-tiny", "bert-tiny"])
-@pytest.mark.parametrize("method,tol", [("int8", 0.03), ("int4", 0.2)])
-def test_every_family_and_layer_kind_quantizes(family, method, tol):
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_every_family_and_layer_kind_quantizes(family, method, kernel_input):
+    import copy
+
     torch.manual_seed(0)
     model = Transformer(preset(family)).eval()
     with torch.no_grad():
         ref = model(IDS)
         Q.quantize_model(model, method, 32)
+        Q.set_act_dtype(model, kernel_input)
         out = model(IDS)
-    assert _rel(out, ref) < tol
+        same_weights = Q.dequantize_model(copy.deepcopy(model))(IDS)
+    # the kernels against the same (dequantized) weights in float32: measured <= 4.1e-7 with float32 inputs and
+    # <= 0.0049 with bf16 inputs (rounded at each kernel's input and output) over five seeds and the three families
+    assert _rel(out, same_weights) < (2e-6 if kernel_input == torch.float32 else 0.007)
+    # the quantization itself, of random weights (min/max int4 groups of 32, symmetric int8 rows): measured at most
+    # 0.138 (int4) and 0.0128 (int8) over five seeds and the three families
+    assert _rel(out, ref) < {"int8": 0.016, "int4": 0.16}[method]
     assert not any(type(m) is torch.nn.Linear for m in model.modules())  # q/k/v, o, mlp, head, pooler ...
     attn = model.layers[0].self_attn
     assert isinstance(attn.qfused, Q.QuantLinear) and isinstance(attn.q_proj, Q.RowSlice)
@@ -332,3 +346,70 @@ def test_saved_scales_do_not_depend_on_the_measured_activation_dtype():
         assert layer.export()["scales"].dtype == torch.float32
         assert torch.equal(layer.dequantize(), ref.dequantize())
     assert "scales32" not in ref.state_dict()  # the folder format is unchanged
+
+
+def _torch_tinygemm_packing():
+    """The packing step of torch's reference helper for torch._convert_weight_to_int4pack (CUDA), taken from the
+    installed torch's source (torch/testing/_internal/common_quantization.py, `_group_quantize_tensor`: it packs
+    only off the CPU, and the module needs expecttest to import, so the expression is read out and run here)."""
+    import ast
+
+    import torch.testing._internal as internal
+
+    src = (Path(internal.__file__).parent / "common_quantization.py").read_text()
+    fn = next(n for n in ast.walk(ast.parse(src))
+              if isinstance(n, ast.FunctionDef) and n.name == "_group_quantize_tensor")
+    packs = [n.value for n in ast.walk(fn) if isinstance(n, ast.Assign) and "<<" in ast.unparse(n.value)]
+    assert len(packs) == 1, [ast.unparse(p) for p in packs]
+    code = compile(ast.Expression(packs[0]), "common_quantization.py", "eval")
+    return lambda out: eval(code, {"torch": torch, "out": out})
+
+
+def test_cuda_int4_packing_is_torchs_reference_packing():
+    """Even k in the high nibble, as torch's own helper packs for the CUDA kernel (issue 20: llmkit packed even k
+    into the low nibble); the portable format keeps even k in the low nibble."""
+    q = torch.randint(0, 16, (48, 128), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    ref = _torch_tinygemm_packing()(q)
+    assert ref.dtype == torch.uint8 and ref.shape == (48, 64)
+    assert torch.equal(Q.pack_nibbles_tinygemm(q), ref)
+    assert torch.equal(ref[:, 0] >> 4, q[:, 0].to(torch.uint8))  # k = 0 high
+    assert not torch.equal(Q.pack_nibbles(q), ref)  # what was passed before
+    assert torch.equal(Q.unpack_nibbles(Q.pack_nibbles(q)), q.to(torch.uint8))
+
+
+def test_quantized_layers_on_a_gpu_are_a_one_line_error(tiny, tmp_path, capsys, monkeypatch):
+    """No GPU test has run: every way to int4/int8 layers off the CPU stops before any work with one line; float
+    loads of a quantized folder still go to the device (dequantized on the CPU first)."""
+    lm = load_model(tiny, dtype="float32")
+    from llmkit.gguf_export import export_gguf
+
+    gguf_path = export_gguf(lm, tmp_path / "m.gguf", quant="q4_0")
+    qdir = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny), "--out", str(qdir), "--method", "int4", "--no-report"]) == 0
+    capsys.readouterr()
+    calls = []
+    monkeypatch.setattr("llmkit.checkpoint._read_safetensors", lambda p: calls.append(p) or {})
+    monkeypatch.setattr("llmkit.checkpoint.read_gguf", lambda p: calls.append(p))
+    for device in ("cuda", "cuda:1", "meta"):
+        for spec, dtype in ((tiny, "int4"), (tiny, "int8"), (qdir, None), (gguf_path, "int4"), ("default", "int4")):
+            with pytest.raises(ValueError) as e:
+                load_model(spec, dtype=dtype, device=device)
+            msg = str(e.value)
+            assert "\n" not in msg and "not tested yet" in msg and "--dtype bfloat16" in msg, msg
+        with pytest.raises(ValueError, match="not tested yet"):
+            load_gguf(gguf_path, native=True, device=device)
+    assert calls == []  # refused before reading any weights
+    monkeypatch.undo()
+
+    w = torch.randn(32, 64, device="meta")
+    for build in (lambda: Q.Int4Linear.from_float(w, 32), lambda: Q.Int8Linear.from_float(w)):
+        with pytest.raises(ValueError, match="not tested yet"):
+            build()
+    with pytest.raises(ValueError, match="not tested yet"):
+        Q.quantize_model(Transformer(preset("llama-tiny")).to("meta"), "int4")
+    m = load_model(qdir, dtype="float32", device="meta").model  # a float load of a quantized folder: allowed
+    assert not Q.is_quantized(m) and next(m.parameters()).device.type == "meta"
+
+    monkeypatch.setattr("llmkit.cli._device", lambda args: "cuda")  # what a GPU machine's CLI would pass
+    r = _Run(capsys, ["generate", "hi", "--model", tiny, "--dtype", "int4", "--max-new-tokens", "2"])
+    _one_line_error(r, "int4/int8 on cuda is not tested yet; use --dtype bfloat16 on GPUs")
