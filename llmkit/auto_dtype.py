@@ -231,7 +231,8 @@ def choose(spec, path, device, load) -> tuple[dict, object]:
             break
     choice, _, kin = name.partition("/")
     entry = {"choice": choice, "kernel_input": kin or None, "step_ms": {k: v[0] for k, v in step_ms.items()},
-             "prefill_ms_per_token": {k: v[2] for k, v in step_ms.items()}, "probe": probe, "probe_tokens": len(ids), "load_avg": [load_before, _load_avg()],
+             "prefill_ms_per_token": {k: v[2] for k, v in step_ms.items()}, "probe": probe, "probe_tokens": len(ids),
+             "load_avg": [load_before, _load_avg()],
              "seconds": round(time.time() - t0, 1), **base}
     chosen = loaded.pop(choice)
     loaded = None

@@ -335,7 +335,7 @@ class Engine:
                  prefill_chunk: int = 512, prefix_caching: bool = True, batch_invariant: bool = False):
         """compile=True runs decode steps through torch.compile (Transformer.compile_decode); kv_cache_mb bounds the
         KV cache (default: a fifth of the free memory, see kvpool.default_kv_cache_mb); batch_invariant=True gives
-        each request exactly the tokens it would get alone (see the note on batch invariance above), slower when batched."""
+        each request exactly the tokens it would get alone (see the note on batch invariance above), slower batched."""
         self.model, self.tok = model.eval().fuse_for_decode(), tokenizer  # fused q/k/v, gate/up: faster decode
         if compile:
             model.compile_decode()

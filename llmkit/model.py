@@ -549,7 +549,7 @@ class Transformer(nn.Module):
         return head_logits(self.lm_head, x)
 
     def logits(self, hidden):
-        """Float32 LM-head logits of hidden states (B, ..., C) from head="hidden" (decoders without an MLM transform)."""
+        """Float32 LM-head logits of hidden states (B, ..., C) from head="hidden" (decoders without MLM transform)."""
         return head_logits(self.lm_head, hidden)
 
     def _layers(self, x, rope, mask, cache, slots):

@@ -12,8 +12,9 @@ so the kernels are fast only when fed bfloat16 activations there (the float32 en
 kernels' input dtype is bfloat16 unless set otherwise (default_act_dtype, set_act_dtype; `--dtype auto` may choose
 float32 where it measures faster and passes a quality probe): activations are cast to it around the kernel and the
 output back to float32, so hidden states and the KV cache stay float32, rounded to bf16 only at the kernels' inputs
-and outputs. The LM head's logits are float32 on every path (model.head_logits). Shape rules: the int4 kernel needs N % 16 == 0 and a group size of 32, 64, 128 or
-256 that divides K; int8 has none. A layer the int4 kernel cannot take falls back to int8 with a warning naming it.
+and outputs. The LM head's logits are float32 on every path (model.head_logits). Shape rules: the int4 kernel needs
+N % 16 == 0 and a group size of 32, 64, 128 or 256 that divides K; int8 has none. A layer the int4 kernel cannot
+take falls back to int8 with a warning naming it.
 
 On CUDA the same formats would run `torch._weight_int4pack_mm` (bf16 activations, tinygemm layout, packed as torch's
 own reference helper packs) and a dequantizing matmul for int8. No GPU test has run, so a request for quantized layers
