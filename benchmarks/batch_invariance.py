@@ -19,9 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmkit import quantize  # noqa: E402
-from llmkit.checkpoint import load_model  # noqa: E402
-from llmkit.engine import Engine, SamplingParams  # noqa: E402
+from llmkit.model import quant as quantize  # noqa: E402
+from llmkit.model.checkpoint import load_model  # noqa: E402
+from llmkit.infer.engine import Engine, SamplingParams  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?", "Name three primary colours.", "How many legs does a spider have?",

@@ -3,7 +3,7 @@
 Teacher: the default model (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized, float32, 30 blocks). Student: a copy of
 the teacher keeping every other block (15 blocks, about half the non-embedding parameters), the same start for both
 runs. Each run trains for the same wall-clock budget (--minutes, including its periodic validation) on the same text
-(WikiText-2 validation, blocks of --block tokens) through `llmkit.distill.distill`, i.e. train.py's loop:
+(WikiText-2 validation, blocks of --block tokens) through `llmkit.compress.distill.distill`, i.e. train.py's loop:
 (a) CE only (alpha = 0: no teacher forward at all), (b) KD (Hinton: --loss forward_kl at --temperature, mixed with
 CE by --alpha). By default the teacher runs on the fly, so a KD step costs more and (b) takes fewer steps in the
 budget; with --teacher-cache the teacher's top-k next tokens are computed once before (b) (timed apart, reported as
@@ -64,11 +64,11 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from llmkit import evaluate
-    from llmkit.checkpoint import load_model, save_model
-    from llmkit.distill import DistillConfig, distill, keep_layers
-    from llmkit.prune import non_embedding_params
-    from llmkit.train import TrainConfig
+    from llmkit.eval import evaluate
+    from llmkit.model.checkpoint import load_model, save_model
+    from llmkit.compress.distill import DistillConfig, distill, keep_layers
+    from llmkit.compress.prune import non_embedding_params
+    from llmkit.train.loop import TrainConfig
 
     t_start, load_before = time.time(), uptime()
     teacher = load_model("default", dtype="float32")

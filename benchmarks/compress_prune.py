@@ -51,9 +51,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from llmkit import evaluate
-    from llmkit import prune as P
-    from llmkit.checkpoint import load_model
+    from llmkit.eval import evaluate
+    from llmkit.compress import prune as P
+    from llmkit.model.checkpoint import load_model
 
     t_start = time.time()
     load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

@@ -36,9 +36,9 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "compress_quantize.json"))
     args = ap.parse_args()
 
-    from llmkit import quantize
-    from llmkit.checkpoint import LoadedModel, default_gguf_path, load_gguf, load_model
-    from llmkit.evaluate import evaluate_choice, evaluate_perplexity, read_text, write_results
+    from llmkit.model import quant as quantize
+    from llmkit.model.checkpoint import LoadedModel, default_gguf_path, load_gguf, load_model
+    from llmkit.eval.evaluate import evaluate_choice, evaluate_perplexity, read_text, write_results
 
     lines, total = 0, 0
     for line in read_text(args.wikitext).splitlines(keepends=True):

@@ -73,7 +73,7 @@ def matmul_gmacs_per_item(lm, records) -> dict:
     llmkit runs each context once, each ending from a copy of its context's cache, and the LM head only where an
     ending token is scored. The ratio bounds the speed-up of any implementation doing the same arithmetic.
     """
-    from llmkit.evaluate import encode_pair
+    from llmkit.eval.evaluate import encode_pair
 
     body = sum(p.numel() for n, p in lm.model.named_parameters() if ".layers." in f".{n}")
     head = lm.model.lm_head.weight.numel()
@@ -98,8 +98,8 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_hellaswag.json"))
     args = ap.parse_args()
 
-    from llmkit import evaluate
-    from llmkit.checkpoint import export_hf, load_model
+    from llmkit.eval import evaluate
+    from llmkit.model.checkpoint import export_hf, load_model
 
     load_before = load_avg()
     lm = load_model("default", dtype="float32")

@@ -40,8 +40,8 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_wikitext.json"))
     args = ap.parse_args()
 
-    from llmkit import evaluate
-    from llmkit.checkpoint import export_hf, load_model
+    from llmkit.eval import evaluate
+    from llmkit.model.checkpoint import export_hf, load_model
 
     load_before = load_avg()
     lm = load_model("default", dtype="float32")

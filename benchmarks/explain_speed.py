@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from llmkit.checkpoint import export_hf, load_model
-from llmkit.evaluate import write_results
-from llmkit.explain import _baseline, attention_maps
+from llmkit.model.checkpoint import export_hf, load_model
+from llmkit.eval.evaluate import write_results
+from llmkit.eval.explain import _baseline, attention_maps
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"

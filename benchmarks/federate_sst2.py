@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmkit.evaluate import write_results
-from llmkit.federate import FederateConfig, federate
-from llmkit.finetune import FinetuneConfig, finetune, read_classification, report_classification
-from llmkit.train import TrainConfig
+from llmkit.eval.evaluate import write_results
+from llmkit.train.federated import FederateConfig, federate
+from llmkit.train.finetune import FinetuneConfig, finetune, read_classification, report_classification
+from llmkit.train.loop import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "sst"
@@ -38,7 +38,7 @@ def subset(src: Path, dst: Path, n: int, seed: int):
 
 
 def dev_accuracy(out: Path, dev: Path, max_length: int) -> float:
-    from llmkit.checkpoint import load_model
+    from llmkit.model.checkpoint import load_model
 
     lm = load_model(out)
     texts, golds, _ = read_classification(dev, id2label=lm.config.id2label)

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
-from llmkit.checkpoint import load_model, write_json
-from llmkit.engine import Engine, SamplingParams
-from llmkit.finetune import ExampleLoader, FinetuneConfig, encode_chat, finetune
-from llmkit.pretrain import clm_loss
-from llmkit.train import TrainConfig, evaluate
+from llmkit.model.checkpoint import load_model
+
+from llmkit.utils.io import write_json
+from llmkit.infer.engine import Engine, SamplingParams
+from llmkit.train.finetune import ExampleLoader, FinetuneConfig, encode_chat, finetune
+from llmkit.train.pretrain import clm_loss
+from llmkit.train.loop import TrainConfig, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "instructions" / "seed_tasks_chat.jsonl"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from llmkit.checkpoint import write_json
-from llmkit.finetune import FinetuneConfig, finetune, read_classification, report_classification
-from llmkit.train import TrainConfig
+from llmkit.utils.io import write_json
+from llmkit.train.finetune import FinetuneConfig, finetune, read_classification, report_classification
+from llmkit.train.loop import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "sst"
@@ -80,7 +80,7 @@ def main():
     print(f"training done in {train_seconds:.0f} s ({time.time() - t0:.0f} s with validation and saving)")
 
     # ---- dev set, with the adapter as saved (load_model(adapter dir) = base + merged adapter)
-    from llmkit.checkpoint import load_model
+    from llmkit.model.checkpoint import load_model
 
     lm = load_model(args.out)
     texts, golds, _ = read_classification(DATA / "dev.tsv", id2label=lm.config.id2label)

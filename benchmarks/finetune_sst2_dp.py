@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from llmkit.evaluate import write_results
-from llmkit.finetune import FinetuneConfig, finetune, read_classification, report_classification
-from llmkit.privacy import DPConfig
-from llmkit.train import TrainConfig
+from llmkit.eval.evaluate import write_results
+from llmkit.train.finetune import FinetuneConfig, finetune, read_classification, report_classification
+from llmkit.train.dp import DPConfig
+from llmkit.train.loop import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "sst"
@@ -85,7 +85,7 @@ def main():
         res = finetune(fc, tc, dp=dp)
         trainable = sum(t.numel() for t in load_file(str(out / "adapter_model.safetensors")).values())
         total = time.time() - t0
-        from llmkit.checkpoint import load_model
+        from llmkit.model.checkpoint import load_model
 
         lm = load_model(out)
         texts, golds, _ = read_classification(dev, id2label=lm.config.id2label)

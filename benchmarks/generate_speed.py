@@ -81,7 +81,7 @@ def llamacpp_run(folder: Path, gguf: Path, tokens: int) -> dict:
 
 
 def decode_rate(engine, ids, tokens: int, batch: int = 1) -> float:
-    from llmkit.engine import SamplingParams
+    from llmkit.infer.engine import SamplingParams
 
     prompts = [ids] * batch
     first = _timed(lambda: engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)))
@@ -116,7 +116,7 @@ def profile_step(model) -> dict:
     """ms per op kind of one batch-1 decode step (torch.profiler), the largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    from llmkit.model import KVCache
+    from llmkit.model.transformer import KVCache
 
     cache = KVCache(model.config, 1, 64, dtype=model.activation_dtype)
     with torch.inference_mode():
@@ -145,7 +145,7 @@ def missed_targets(results) -> list[str]:
 
 
 def chat_only(args):
-    from llmkit.evaluate import write_results
+    from llmkit.eval.evaluate import write_results
 
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -179,9 +179,9 @@ def main():
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the `llmkit chat` processes too
 
-    from llmkit.checkpoint import default_gguf_path, load_model
-    from llmkit.engine import Engine
-    from llmkit.evaluate import write_results
+    from llmkit.model.checkpoint import default_gguf_path, load_model
+    from llmkit.infer.engine import Engine
+    from llmkit.eval.evaluate import write_results
 
     gguf = default_gguf_path()
     setups = args.setups.split(",")

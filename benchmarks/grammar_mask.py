@@ -40,7 +40,7 @@ ANSWER = {"name": "Ada Lovelace", "age": 36, "email": "ada@example.org", "tags":
 
 def raw_vocab(tok) -> list[bytes]:
     """Each token's bytes (byte-level BPE spelling undone); special tokens as their text."""
-    from llmkit.tokenizer import bytes_to_unicode
+    from llmkit.model.tokenizer import bytes_to_unicode
 
     inv = {c: b for b, c in bytes_to_unicode().items()}
     special = set(tok.all_special_ids)
@@ -152,8 +152,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/grammar_mask.json"))
     args = ap.parse_args()
-    from llmkit.checkpoint import load_model
-    from llmkit.evaluate import write_results
+    from llmkit.model.checkpoint import load_model
+    from llmkit.eval.evaluate import write_results
 
     tok = load_model("default").tokenizer
     text = json.dumps(ANSWER, separators=(",", ":"))

@@ -1,4 +1,4 @@
-"""PII detection of llmkit.safety on a labelled set built from templates: precision/recall per type, false positives
+"""PII detection of llmkit.trust.guard on a labelled set built from templates: precision/recall per type, false positives
 on clean look-alikes, MB/s; against a baseline of bare patterns (the same candidates without validators).
 
 The set: valid payment cards (Visa, Mastercard, Amex, Discover, JCB; Luhn check digit computed; with spaces, dashes
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import phonenumbers
 
-from llmkit.evaluate import write_results
-from llmkit.safety import Finding, Guard, evaluate_guard, luhn_ok
+from llmkit.eval.evaluate import write_results
+from llmkit.trust.guard import Finding, Guard, evaluate_guard, luhn_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD_PREFIXES = [("4", 16), ("4", 13), ("51", 16), ("55", 16), ("2221", 16), ("34", 15), ("37", 15), ("6011", 16),
@@ -148,7 +148,7 @@ class BareGuard:
         out = []
         for t, p in self.pats.items():
             out += [Finding(t, m.start(), m.end(), m.group()) for m in p.finditer(text)]
-        from llmkit.safety import resolve_overlaps
+        from llmkit.trust.guard import resolve_overlaps
 
         return resolve_overlaps(out)
 

@@ -20,8 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmkit import model as M  # noqa: E402
-from llmkit.checkpoint import load_model  # noqa: E402
+from llmkit.model import transformer as M  # noqa: E402
+from llmkit.model.checkpoint import load_model  # noqa: E402
 
 
 def best_ms(fn, repeats):

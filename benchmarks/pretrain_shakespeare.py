@@ -22,10 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmkit.checkpoint import load_model  # noqa: E402
-from llmkit.evaluate import write_results  # noqa: E402
-from llmkit.pretrain import PretrainConfig, pretrain  # noqa: E402
-from llmkit.train import TrainConfig  # noqa: E402
+from llmkit.model.checkpoint import load_model  # noqa: E402
+from llmkit.eval.evaluate import write_results  # noqa: E402
+from llmkit.train.pretrain import PretrainConfig, pretrain  # noqa: E402
+from llmkit.train.loop import TrainConfig  # noqa: E402
 
 
 def matmul_peak(n: int = 1024, reps: int = 30) -> float:

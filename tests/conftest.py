@@ -5,7 +5,7 @@ import pytest
 @pytest.fixture(scope="session")
 def default_lm():
     """SmolLM2-135M-Instruct (the embedded default model) as a LoadedModel, float32."""
-    from llmkit.checkpoint import load_model
+    from llmkit.model.checkpoint import load_model
 
     return load_model("default", dtype="float32")
 
@@ -20,10 +20,10 @@ def sst_llama_base(tmp_path_factory):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from llmkit.checkpoint import save_model
-    from llmkit.config import preset
-    from llmkit.model import Transformer
-    from llmkit.tokenizer import Tokenizer
+    from llmkit.model.checkpoint import save_model
+    from llmkit.model.config import preset
+    from llmkit.model.transformer import Transformer
+    from llmkit.model.tokenizer import Tokenizer
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,0 +1,1 @@
+"""Compression recipes (prune, distill) and the before/after report."""

@@ -1,0 +1,1 @@
+"""Data: corpora, supervised fine-tuning examples, cleaning, tokenizer training."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, multiple choice, generation metrics, classifiers, explanation, bias, lm-eval."""

@@ -1,0 +1,654 @@
+"""The Transformer: one module for Llama-, GPT-2- and BERT-style models, chosen by ModelConfig fields.
+
+Parameter names follow Hugging Face's Llama layout (model.layers.N.self_attn.q_proj ...) so that Llama-family
+folders load without renaming; checkpoint.py maps GPT-2 and BERT names onto these.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmkit.model.config import ModelConfig
+from llmkit.model.kvcache import KVCache, PackedKV, PackedLayer, RowKV  # noqa: F401  (re-exported)
+
+
+def activation(name: str):
+    return {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+    }[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
+
+    def forward(self, x):
+        if x.dtype == torch.float32:  # one fused op; same arithmetic as below
+            return F.rms_norm(x, (x.shape[-1],), self.weight.float(), eps=self.eps)
+        # computed in float32 as transformers' LlamaRMSNorm does, then cast back before the weight
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        w, b = self.weight, self.bias
+        if w is not None and w.dtype != x.dtype:  # low-precision weights, float32 activations
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+def make_norm(cfg: ModelConfig, dim: int, device=None) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps, device=device)
+    return LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings (the non-interleaved "rotate_half" form used by transformers' Llama)
+
+
+def rope_cache(cfg: ModelConfig, device=None):
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = cfg.extra.get("rope_scaling") if cfg.extra else None
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()  # (max_pos, head_dim)
+
+
+def _llama3_inv_freq(inv_freq, s):
+    # Llama 3.1 frequency scaling (transformers' _compute_llama3_parameters)
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D); cos/sin: (B, 1, T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode-time matrix-vector products
+#
+# On CPUs, torch's float32 matrix-vector path (a decode step has 1-16 rows) reads weights at about a third of the
+# memory bandwidth and uses one core. Splitting the weight's rows in two halves and running them as a 2-batch bmm
+# uses both halves of the machine and about doubles the rate; fusing q/k/v and gate/up into one buffer each halves
+# the number of calls.
+#
+# bfloat16/float16 weights on a CPU are a storage format: activations stay float32 (CPUs without native bf16 math
+# emulate it op by op, slowly). One row (batch-1 decode) goes through torch's reduced-precision GEMV, which reads
+# half the bytes and accumulates in float32; more rows upcast the weight and run a float32 GEMM.
+# benchmarks/generate_speed.py measures both against transformers.
+
+SMALL_M = 16  # rows (batch x new tokens) up to which the bmm path is used
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+LOW_PRECISION_GEMV_ROWS = 2  # rows up to which low-precision weights take the GEMV path
+
+
+def fused_linear(x, w, b=None):
+    """x (..., K) @ w(N, K).T (+ b), taking the split-bmm path for a few rows."""
+    m = x.numel() // x.shape[-1]
+    if w.dtype != x.dtype:  # bfloat16/float16 weights under float32 activations (CPU, see activation_dtype)
+        if m <= LOW_PRECISION_GEMV_ROWS and not torch.is_grad_enabled():
+            return F.linear(x.to(w.dtype), w, b).to(x.dtype)  # torch's GEMV: fp32 accumulation, half the bytes
+        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+    if m > SMALL_M or w.shape[0] % 2 or torch.is_grad_enabled():
+        return F.linear(x, w, b)
+    n, k = w.shape
+    x2 = x.reshape(m, k).T.expand(2, k, m)
+    y = torch.bmm(w.view(2, n // 2, k), x2).view(n, m).T
+    if b is not None:
+        y = y + b
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Float32 logits
+#
+# Fast heads round: a bf16 weight's GEMV and the quantized kernels fed bf16 activations return bf16 outputs, whose
+# resolution near a logit of 25 is 0.125, so greedy decoding would take the lower token id at every near-tie and
+# sampling would see coarse probabilities. The LM head therefore always returns float32 logits: for a few rows, the
+# fast kernel gives every logit to within a bound, and each logit that could lie within HEAD_MARGIN of its row's best
+# is computed again exactly (float32 weights as stored, float32 activations, float32 sums); for many rows (scoring a
+# prompt) the whole head runs in float32, a block of rows at a time. See docs/library/numerics.md.
+
+HEAD_MARGIN = 4.0  # logits that may lie within this of their row's best are exact (e^-4: 1.8 % of its probability)
+HEAD_CAP = 1024  # at most this many exact logits per row (the best ones by upper bound: the argmax is always exact)
+EXACT_HEAD_ROWS = 16  # more rows than this: the whole head in float32 (the fast kernel's saving is small there)
+ROUNDING = 2.0 ** -8  # twice bf16's unit roundoff: per input element and for the rounded output (and scales)
+
+
+def head_logits(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Float32 logits (..., V) of an LM head on hidden states x (..., K), on every path (see above)."""
+    if type(head) is nn.Linear and head.weight.dtype == torch.float32 and x.dtype == torch.float32:
+        return fused_linear(x, head.weight, head.bias)  # already float32 from end to end
+    if torch.is_grad_enabled() and type(head) is nn.Linear:
+        return F.linear(x.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+    rows_of = head.exact_rows if hasattr(head, "exact_rows") else _dense_rows(head)
+    shape, x2 = x.shape, x.reshape(-1, x.shape[-1]).float()
+    if len(x2) > EXACT_HEAD_ROWS:
+        y = _exact_head(rows_of, head.bias, x2, head.out_features)
+    else:
+        y = _linear(head, x).reshape(len(x2), -1).float()
+        if getattr(head, "act_dtype", None) != torch.float32 or x.dtype != torch.float32:  # the fast path rounded
+            _refine(y, x2, rows_of, head)
+    return y.reshape(*shape[:-1], -1)
+
+
+def _dense_rows(lin: nn.Linear):
+    return lambda idx: lin.weight[idx].float()
+
+
+def _exact_head(rows_of, bias, x, n_out, block: int = 4096) -> torch.Tensor:
+    y = torch.empty(len(x), n_out, device=x.device)
+    for s in range(0, n_out, block):
+        idx = torch.arange(s, min(s + block, n_out), device=x.device)
+        torch.matmul(x, rows_of(idx).T, out=y[:, s:s + len(idx)])
+    return y if bias is None else y.add_(bias.float())
+
+
+def _row_norms(head, rows_of, device) -> torch.Tensor:
+    """2^-8 ||w_n||_2 of every output row, computed once per head (kept on the module, not in its state)."""
+    norms = head.__dict__.get("_row_norms")
+    if norms is None:
+        n = head.out_features
+        norms = torch.cat([rows_of(torch.arange(s, min(s + 4096, n), device=device)).norm(dim=1)
+                           for s in range(0, n, 4096)]) * ROUNDING
+        head.__dict__["_row_norms"] = norms
+    return norms
+
+
+def _refine(y, x, rows_of, head):
+    """Recompute exactly, in place, every logit of y (M, V) that may lie within HEAD_MARGIN of its row's best.
+
+    The fast path rounds each input to bf16, may round the scales, and rounds the output: |error| <= 2^-8 (||w_n||
+    ||x|| + |y_n|) with a factor of two to spare (Cauchy-Schwarz on the inputs' rounding), plus, where the kernel
+    reads weights requantized from blocks (Int8Linear.kernel_step), half a step per weight: step_n / 2 ||x||_1.
+    Measured errors stay under 0.21 of this bound on the default model. A logit whose upper bound is below the best
+    lower bound minus the margin cannot be within the margin, so it keeps the fast value.
+    """
+    bound = y.abs().mul_(ROUNDING).addcmul_(_row_norms(head, rows_of, x.device)[None], x.norm(dim=1, keepdim=True))
+    step = getattr(head, "kernel_step", None)
+    if step is not None:
+        bound.addcmul_(step[None], x.abs().sum(1, keepdim=True), value=0.5)
+    upper = y + bound
+    floor = (y - bound).amax(1, keepdim=True)
+    near = upper >= floor - HEAD_MARGIN
+    n = int(near.sum(1).max())
+    if len(y) == 1 and n <= HEAD_CAP:
+        cand = near[0].nonzero().T  # (1, n)
+    else:  # the k highest upper bounds of each row hold every logit within the margin (capped; the argmax always)
+        n_tie = int((upper >= floor).sum(1).max())
+        cand = upper.topk(min(max(min(n, HEAD_CAP), n_tie), y.shape[1]), dim=1).indices  # (M, k)
+    w = rows_of(cand.reshape(-1)).view(*cand.shape, -1)  # (M, k, K)
+    exact = torch.bmm(w, x[:, :, None])[..., 0]
+    if head.bias is not None:
+        exact = exact + head.bias.float()[cand]
+    y.scatter_(1, cand, exact)
+
+
+def _fuse(linears: list[nn.Linear]):
+    """One weight (and bias) buffer holding the linears' rows; their parameters' data become views of it.
+
+    The Parameter objects stay the same (only their .data moves), so an optimizer built before the fusion still
+    holds the model's parameters, and training writes into the fused buffer that decoding reads.
+    """
+    w = torch.cat([m.weight.detach() for m in linears])
+    b = torch.cat([m.bias.detach() for m in linears]) if linears[0].bias is not None else None
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = w[start:start + n]
+        if b is not None:
+            m.bias.data = b[start:start + n]
+        start += n
+    return w, b
+
+
+def _still_fused(fused, linears) -> bool:
+    # False once a parameter was replaced (model.to(), load_state_dict(assign=True), LoRA wrapping ...); the fused
+    # buffer is no Parameter, so with gradients on (training) the separate layers run and gradients reach them
+    if torch.is_grad_enabled():
+        return False
+    w = fused[0]
+    return all(type(m) is nn.Linear and m.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+               for m in linears)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * hd, bias=cfg.qkv_bias, device=device)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.qkv_bias, device=device)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.qkv_bias, device=device)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.o_bias, device=device)
+
+    def fuse(self):
+        self.fused = _fuse([self.q_proj, self.k_proj, self.v_proj])
+
+    def forward(self, x, rope, mask, kv, slots):
+        """kv: this layer's (keys, values) cache buffers, or None; slots: where the new tokens go (_cache_step)."""
+        B, T, _ = x.shape
+        hd, cfg = self.cfg.head_dim, self.cfg
+        H, Hkv = cfg.n_head, cfg.n_kv_head
+        fused = getattr(self, "fused", None)
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        qfused = getattr(self, "qfused", None)  # quantized q/k/v (llmkit.model.quant): one layer, rows viewed
+        if qfused is not None or fused is not None and (torch.compiler.is_compiling() or _still_fused(fused, linears)):
+            qkv = qfused(x) if qfused is not None else fused_linear(x, *fused)
+            qkv = qkv.view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+            qk, v = qkv.split([H + Hkv, Hkv], 1)
+            if rope is not None:  # queries and keys rotated in one go
+                qk = apply_rope(qk, *rope).to(v.dtype)
+            q, k = qk.split([H, Hkv], 1)
+        else:
+            q = _linear(self.q_proj, x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, D)
+            k = _linear(self.k_proj, x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, D)
+            v = _linear(self.v_proj, x).view(B, T, Hkv, hd).transpose(1, 2)
+            if rope is not None:
+                q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
+        if isinstance(kv, PackedLayer):
+            y = kv.attend(q, k, v, enable_gqa=cfg.n_kv_head != cfg.n_head)
+            return _linear(self.o_proj, y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
+        if kv is not None:
+            k, v = self._write_cache(*kv, k, v, slots)
+        is_causal = mask is None and cfg.causal and T > 1
+        if mask is True:  # the caller has checked that no masking is needed (decode step without padding)
+            mask, is_causal = None, False
+        store = getattr(self, "weights_store", None)  # set by capture_attention(): the math path, weights kept
+        if store is not None:
+            y, w = attention_math(q, k, v, mask, is_causal)
+            store.append(w)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=cfg.attn_dropout if self.training else 0.0,
+                enable_gqa=cfg.n_kv_head != cfg.n_head,
+            )
+        return _linear(self.o_proj, y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
+
+    @staticmethod
+    def _write_cache(kc, vc, k, v, slots):
+        start, end, uniform = slots
+        if uniform:
+            kc[:, :, start:end] = k
+            vc[:, :, start:end] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            kc[rows, :, start] = k.transpose(1, 2)  # start: (B, T) slot indices
+            vc[rows, :, start] = v.transpose(1, 2)
+        return kc[:, :, :end], vc[:, :, :end]
+
+
+def attention_math(q, k, v, mask=None, is_causal=False):
+    """SDPA's result in plain ops (no dropout), plus the attention weights (B, H, Tq, Tk); keys/values may have
+    fewer heads (GQA). mask: bool (True = may attend) or additive float, as SDPA takes it."""
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+    if H != Hkv:
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(D)
+    if is_causal:  # top-left aligned, as SDPA's is_causal
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None and mask is not True:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    w = scores.softmax(-1)
+    return (w @ v.float()).to(q.dtype), w
+
+
+@contextmanager
+def capture_attention(model):
+    """Within the block, every layer's attention runs the math path and appends its weights (B, H, Tq, Tk) to the
+    yielded list, one entry per layer per forward."""
+    maps: list = []
+    attns = [layer.self_attn for layer in model.layers]
+    for a in attns:
+        a.weights_store = maps
+    try:
+        yield maps
+    finally:
+        for a in attns:
+            a.weights_store = None
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.act = activation(cfg.activation)
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias, device=device)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias, device=device)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias, device=device)
+
+    def fuse(self):
+        if self.swiglu:
+            self.fused = _fuse([self.gate_proj, self.up_proj])
+
+    def forward(self, x):
+        if not self.swiglu:
+            return _linear(self.down_proj, self.act(_linear(self.up_proj, x)))
+        fused = getattr(self, "fused", None)
+        linears = (self.gate_proj, self.up_proj)
+        qfused = getattr(self, "qfused", None)
+        if qfused is not None:
+            gate, up = qfused(x).chunk(2, -1)
+        elif fused is not None and (torch.compiler.is_compiling() or _still_fused(fused, linears)):
+            gate, up = fused_linear(x, *fused).chunk(2, -1)
+        else:
+            gate, up = _linear(self.gate_proj, x), _linear(self.up_proj, x)
+        return _linear(self.down_proj, self.act(gate) * up)
+
+
+def _linear(m, x):
+    return fused_linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.self_attn = Attention(cfg, device)
+        self.mlp = MLP(cfg, device)
+        self.input_layernorm = make_norm(cfg, cfg.n_embd, device)
+        self.post_attention_layernorm = make_norm(cfg, cfg.n_embd, device)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, kv, slots):
+        drop = self.drop if self.training and self.drop.p > 0 else _identity
+        if self.pre_norm:
+            x = x + drop(self.self_attn(self.input_layernorm(x), rope, mask, kv, slots))
+            return x + drop(self.mlp(self.post_attention_layernorm(x)))
+        # post-norm (original Transformer / BERT)
+        x = self.input_layernorm(x + drop(self.self_attn(x, rope, mask, kv, slots)))
+        return self.post_attention_layernorm(x + drop(self.mlp(x)))
+
+
+def _identity(x):
+    return x
+
+
+@contextmanager
+def _no_init():
+    # torch's layers run a random init in their constructors; on meta tensors that init goes through Python refs
+    # that import torch._dynamo (~2 s), so skip it when only the structure is wanted (transformers does the same)
+    saved = {c: c.reset_parameters for c in (nn.Linear, nn.Embedding, nn.LayerNorm)}
+    for c in saved:
+        c.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for c, f in saved.items():
+            c.reset_parameters = f
+
+
+class Transformer(nn.Module):
+    """Decoder or encoder stack with optional LM / MLM / classification heads."""
+
+    def __init__(self, cfg: ModelConfig, device=None):
+        """device="meta" builds the structure without memory or init (checkpoint loading fills it)."""
+        super().__init__()
+        self.config = cfg
+        self._compiled_layers = None  # see compile_decode
+        with _no_init() if str(device) == "meta" else nullcontext():
+            self._build(cfg, device)
+
+    def _build(self, cfg: ModelConfig, d):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd, device=d)
+        if cfg.position == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.n_embd, device=d)
+        if cfg.type_vocab_size:
+            self.embed_types = nn.Embedding(cfg.type_vocab_size, cfg.n_embd, device=d)
+        if cfg.embed_norm:
+            self.embed_norm = make_norm(cfg, cfg.n_embd, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, d) for _ in range(cfg.n_layer))
+        if cfg.final_norm:
+            self.norm = make_norm(cfg, cfg.n_embd, d)
+        if cfg.mlm_transform:
+            self.mlm_dense = nn.Linear(cfg.n_embd, cfg.n_embd, device=d)
+            self.mlm_norm = make_norm(cfg, cfg.n_embd, d)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias, device=d)
+        if cfg.pooler:
+            self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd, device=d)
+        if cfg.num_labels:
+            self.score = nn.Linear(cfg.n_embd, cfg.num_labels, bias=cfg.pooler, device=d)
+        if str(d) != "meta":
+            self.apply(self._init_weights)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if cfg.position == "rope":
+            cos, sin = rope_cache(cfg, device=None if str(d) == "meta" else d)  # real values even for meta
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _init_weights(self, m):
+        std = self.config.initializer_range
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+
+    def fuse_for_decode(self):
+        """Fuse q/k/v and gate/up weights into one buffer each (parameters become views; nothing is copied twice).
+
+        Inference only: engine.py calls it. Training, saving and loading work as before.
+        """
+        for layer in self.layers:
+            if getattr(layer.self_attn, "fused", None) is None and type(layer.self_attn.q_proj) is nn.Linear:
+                layer.self_attn.fuse()
+            if getattr(layer.mlp, "fused", None) is None and type(layer.mlp.up_proj) is nn.Linear:
+                layer.mlp.fuse()
+        return self
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """dtype of hidden states and of the KV cache: the weights' own, but float32 for bf16/fp16 weights on a CPU.
+
+        Quantized models (llmkit.model.quant): float32 on a CPU, bfloat16 on a GPU.
+        """
+        w = getattr(self.embed_tokens, "weight", None)
+        if w is None or w.dtype in (torch.int8, torch.uint8):
+            w = next(self.parameters())
+            return torch.float32 if w.device.type == "cpu" else torch.bfloat16
+        return torch.float32 if w.device.type == "cpu" and w.dtype in LOW_PRECISION else w.dtype
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    # -----------------------------------------------------------------------------------------------------------
+    def forward(self, input_ids, *, attention_mask=None, positions=None, token_type_ids=None,
+                cache: KVCache | PackedKV | None = None, head: str = "lm", last_only: bool = False):
+        """input_ids (B, T) -> logits (B, T, V) for head="lm", (B, num_labels) for "classify", (B, T, C) for "hidden".
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding. With a cache, tokens are written after each row's
+        previous ones and attend to them. With a PackedKV, input_ids (1, N) holds several rows' new tokens back to back.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        dev = input_ids.device
+        real = None if attention_mask is None else attention_mask.bool()
+        mask, slots = None, None
+        if isinstance(cache, PackedKV):
+            if B != 1 or T != cache.n_tokens or attention_mask is not None:
+                raise ValueError(f"packed input must be (1, {cache.n_tokens}) without attention_mask, got ({B}, {T})")
+            positions = cache.positions(dev) if positions is None else positions
+        elif cache is not None:
+            mask, slots, positions_c = self._cache_step(cache, real, B, T, dev)
+            positions = positions_c if positions is None else positions
+        elif real is not None and not bool(real.all()):
+            allowed = real[:, None, None, :]  # (B, 1, 1, T) keys
+            if cfg.causal:
+                allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+            mask = allowed | torch.eye(T, dtype=torch.bool, device=dev)  # padding queries see themselves: no NaN
+        if positions is None:
+            if real is not None:
+                positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                positions = torch.arange(T, device=dev).expand(B, T)
+
+        x = self.embed_tokens(input_ids).to(self.activation_dtype)
+        if cfg.position == "learned":
+            x = x + self.embed_positions(positions)
+        if cfg.type_vocab_size:
+            tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.embed_types(tt)
+        if cfg.embed_norm:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+        rope = None
+        if cfg.position == "rope":
+            rope = tuple(t[positions].unsqueeze(1).to(x.dtype) for t in (self.rope_cos, self.rope_sin))
+        if mask is True and self._compiled_layers is not None and self._fusion_intact():
+            x = self._compiled_step(x, rope, cache, slots)
+        else:
+            x = self._layers(x, rope, mask, cache, slots)
+        if isinstance(cache, PackedKV):
+            cache.advance()
+        elif cache is not None:
+            self._cache_advance(cache, real, B, T, slots)
+
+        if head == "hidden":
+            return x
+        if head == "classify":
+            return self.classify(x, input_ids, real)
+        if last_only:
+            x = x[:, -1:]
+        if cfg.mlm_transform:
+            x = self.mlm_norm(activation(cfg.activation)(_linear(self.mlm_dense, x)))
+        return head_logits(self.lm_head, x)
+
+    def logits(self, hidden):
+        """Float32 LM-head logits of hidden states (B, ..., C) from head="hidden" (decoders without MLM transform)."""
+        return head_logits(self.lm_head, hidden)
+
+    def _layers(self, x, rope, mask, cache, slots):
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, None if cache is None else cache.layer(i), slots)
+        return self.norm(x) if self.config.final_norm else x
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Compiled decode steps
+    #
+    # In eager mode a one-token step runs ~50 small ops per layer, a few microseconds each: on a CPU that is about a
+    # third of a batch-1 step of the default model. torch.compile (inductor) fuses them; matrix products stay torch's.
+    # Only steps that need no mask (decode without padding, every row at the same length) take this path, with
+    # dynamic shapes so that growing caches and other batch sizes reuse one graph. The graph spans all layers: one
+    # compiled block called per layer would trace in seconds, but its per-call checks cost most of the gain.
+
+    def compile_decode(self):
+        """Run one-token decode steps through torch.compile; the first step compiles (30-60 s on a 2-core CPU)."""
+        self.fuse_for_decode()
+        self._compiled_layers = torch.compile(self._layers, dynamic=True)
+        return self
+
+    def _compiled_step(self, x, rope, cache, slots):
+        try:
+            return self._compiled_layers(x, rope, True, cache, slots)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            # no C++ compiler, an unsupported op...: nothing ran yet, so continue in eager mode
+            warnings.warn(f"torch.compile failed, decoding in eager mode instead: {str(e).splitlines()[0]}")
+            self._compiled_layers = None
+            return self._layers(x, rope, True, cache, slots)
+
+    def _fusion_intact(self) -> bool:
+        # the compiled graph reads the fused buffers without checking them: take it only while they are current
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            if getattr(a, "fused", None) is not None and not _still_fused(a.fused, (a.q_proj, a.k_proj, a.v_proj)):
+                return False
+            if getattr(m, "fused", None) is not None and not _still_fused(m.fused, (m.gate_proj, m.up_proj)):
+                return False
+        return True
+
+    def classify(self, x, input_ids, real):
+        """Sequence classification logits from hidden states: [CLS] + pooler for encoders, last real token otherwise."""
+        cfg = self.config
+        if cfg.pooler:
+            pooled = torch.tanh(_linear(self.pooler, x[:, 0]))
+            return _linear(self.score, self.drop(pooled))
+        if real is None and cfg.pad_token_id >= 0:
+            real = input_ids != cfg.pad_token_id
+        if real is None:
+            last = torch.full((x.shape[0],), x.shape[1] - 1, device=x.device)
+        else:  # last real token; works for left and right padding alike
+            idx = torch.arange(x.shape[1], device=x.device)
+            last = torch.where(real, idx, -1).max(-1).values.clamp(min=0)
+        return _linear(self.score, x[torch.arange(x.shape[0], device=x.device), last])
+
+    # -----------------------------------------------------------------------------------------------------------
+    def _cache_step(self, cache: KVCache, real, B, T, dev):
+        if B != cache.batch_size:
+            raise ValueError(f"batch of {B} rows does not match the KV cache's {cache.batch_size}")
+        lengths = cache.length
+        end = max(lengths) + T
+        if end > cache.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the KV cache ({cache.max_len}); raise max_len")
+        uniform = all(n == lengths[0] for n in lengths)
+        if real is None:
+            real = torch.ones(B, T, dtype=torch.bool, device=dev)
+        if uniform:
+            start = lengths[0]
+            slots = (start, end, True)
+            cache.valid[:, start:end] = real
+            q_slot = torch.arange(start, end, device=dev).expand(B, T)
+        else:
+            q_slot = torch.tensor(lengths, device=dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
+            slots = (q_slot, end, False)
+            cache.valid[torch.arange(B, device=dev)[:, None], q_slot] = real
+        positions = cache.n_tokens[:, None] + (real.long().cumsum(-1) - 1).clamp(min=0)
+        needs_mask = cache.has_padding or not uniform or not bool(real.all()) or not self.config.causal
+        if not needs_mask and T == 1:
+            mask = True  # one new token that may see every earlier slot: no mask at all
+        elif not needs_mask and lengths[0] == 0:
+            mask = None  # plain causal prefill
+        else:
+            k_slot = torch.arange(end, device=dev)
+            allowed = cache.valid[:, None, None, :end]  # (B, 1, 1, Tk)
+            if self.config.causal:
+                allowed = allowed & (k_slot[None, None, None, :] <= q_slot[:, None, :, None])
+            mask = allowed | (k_slot[None, None, None, :] == q_slot[:, None, :, None])
+        return mask, slots, positions
+
+    def _cache_advance(self, cache: KVCache, real, B, T, slots):
+        for r in range(B):
+            cache.length[r] += T
+        if real is None:
+            cache.n_tokens += T
+        else:
+            cache.n_tokens += real.long().sum(-1)
+            if not bool(real.all()):
+                cache.has_padding = True
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,1 @@
+"""The HTTP routes: chat and completions, admin (health, models, metrics), embeddings."""

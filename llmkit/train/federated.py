@@ -1,0 +1,549 @@
+"""Federated LoRA fine-tuning on Flower (`flwr`): the data stays with its owners, only adapter weights travel.
+
+A Flower server holds the global adapter (LoRA A/B matrices plus, for classification, the head), samples a fraction
+of the connected clients each round, sends them the adapter, and aggregates what they send back (FedAvg, weighted by
+shard size, or FedProx, whose clients add (mu / 2) ||w - w_global||^2 to their loss; McMahan et al. 2017, Li et al.
+2020). Clients run llmkit's training loop (train.py) for --local-steps steps on their own shard. After every round the
+server evaluates the global adapter on the validation set and appends a row to metrics.jsonl; the final global adapter
+is written as a normal PEFT adapter folder.
+
+Transport: Flower's gRPC server/client (`flwr.server.start_server` / `flwr.client.start_client`), which runs the same
+way on one machine (clients as local processes on loopback) and across machines. Flower's simulation engine needs
+Ray (`flwr[simulation]` pins ray, several hundred MB), and its SuperLink/SuperNode deployment needs a Flower App
+bundle launched with `flwr run`, so llmkit uses the direct gRPC entry points, which Flower 1.42 still ships (marked
+deprecated since 1.13). A client that fails or disconnects mid-round is a failure of that round: the others are
+aggregated (accept_failures), the failure is logged in metrics.jsonl, and later rounds sample the clients still there.
+
+Client-level differential privacy (optional, --dp-epsilon; DP-FedAvg, McMahan et al. 2018): the server clips each
+client's update (its adapter minus the global one, L2 norm over all tensors) to --dp-clip, averages the clipped
+updates uniformly over the m clients planned per round (a client that failed adds a zero update, so one client's
+influence stays at most clip / m), and adds Gaussian noise of standard deviation noise * clip / m. The noise
+multiplier is calibrated with privacy.py's accountant (RDP) so that --rounds rounds at sample rate m / --clients spend
+--dp-epsilon; the epsilon spent so far is in every round's row. It protects whole clients (all of a client's data),
+not single examples, and needs many clients to learn anything: with 4 clients the noise on the mean is large.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmkit.model import lora as lora_lib
+from llmkit.train.finetune import ExampleLoader, FinetuneConfig, _pad_id, classify_loss, prepare
+from llmkit.train.pretrain import clm_loss
+
+STRATEGIES = ("fedavg", "fedprox")
+FAIL_ENV = "LLMKIT_FEDERATE_FAIL"  # "SHARD:ROUND": that client exits mid-round (tests a dying client)
+
+
+@dataclass
+class FederateConfig:
+    model: str
+    data: str
+    out: str
+    clients: int = 4
+    rounds: int = 5
+    split: str = "iid"  # iid | dirichlet:ALPHA
+    strategy: str = "fedavg"
+    mu: float = 0.01  # FedProx proximal weight
+    fraction_fit: float = 1.0
+    local_steps: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    max_length: int = 128
+    val_fraction: float = 0.1
+    task: str | None = None
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+    lora_layers: int | None = None
+    seed: int = 0
+    round_timeout: float = 1800.0
+    connect_timeout: float = 300.0
+    dp_epsilon: float | None = None  # client-level DP on the aggregated updates (DP-FedAvg)
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0  # L2 bound on one client's adapter update
+
+    def check(self) -> "FederateConfig":
+        """Raise ValueError on out-of-range settings (before anything loads or is written)."""
+        ints = {"--clients": (self.clients, 1), "--rounds": (self.rounds, 1), "--local-steps": (self.local_steps, 1),
+                "--batch-size": (self.batch_size, 1), "--max-length": (self.max_length, 2)}
+        for flag, (v, lo) in ints.items():
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"{flag} must be an integer >= {lo}, not {v!r}")
+        if self.clients > 1000:
+            raise ValueError(f"--clients {self.clients}: at most 1000 local clients")
+        if not 0 < self.fraction_fit <= 1:
+            raise ValueError(f"--fraction-fit must be in (0, 1], not {self.fraction_fit}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        if not (math.isfinite(self.mu) and self.mu >= 0):
+            raise ValueError(f"--mu must be >= 0, not {self.mu}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be > 0, not {self.lr}")
+        parse_split(self.split)
+        if self.dp_epsilon is not None:
+            from llmkit.train.dp import DPConfig
+
+            DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip, "rdp").check()
+        return self
+
+    def sampled_per_round(self) -> int:
+        """Clients Flower's FedAvg samples per round when all are connected (int(n * fraction), at least 1)."""
+        return max(1, int(self.clients * self.fraction_fit))
+
+
+class ClientDP:
+    """DP-FedAvg on the server: clip each client's update, average over the planned m clients, add noise."""
+
+    def __init__(self, fc: FederateConfig):
+        from llmkit.train import dp as privacy
+
+        self.clip, self.delta, self.m, self.target = fc.dp_clip, fc.dp_delta, fc.sampled_per_round(), fc.dp_epsilon
+        self.sample_rate, self.rounds = self.m / fc.clients, fc.rounds
+        cfg = privacy.DPConfig(fc.dp_epsilon, fc.dp_delta, fc.dp_clip, "rdp").check()
+        self.noise = privacy.noise_multiplier(cfg, self.sample_rate, fc.rounds)  # or a ValueError: what's reachable
+        self.rng = np.random.default_rng()  # unseeded: the noise must not be predictable
+
+    def aggregate(self, global_arrays: list[np.ndarray], client_arrays: list[list[np.ndarray]]):
+        """(new global arrays, {"clipped": count, "update_norms": [...]}): global + mean clipped update + noise."""
+        total = [np.zeros_like(g, dtype=np.float64) for g in global_arrays]
+        norms = []
+        for arrays in client_arrays:
+            delta = [a.astype(np.float64) - g for a, g in zip(arrays, global_arrays)]
+            norm = float(np.sqrt(sum((d * d).sum() for d in delta)))
+            norms.append(round(norm, 6))
+            scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
+            for t, d in zip(total, delta):
+                t += d * scale
+        std = self.noise * self.clip / self.m
+        new = [(g + t / self.m + self.rng.normal(0.0, std, g.shape)).astype(g.dtype)
+               for g, t in zip(global_arrays, total)]
+        return new, {"clipped": sum(n > self.clip for n in norms), "update_norms": norms}
+
+    def epsilon(self, rounds_done: int) -> float:
+        from llmkit.train.dp import spent_epsilon
+
+        return spent_epsilon(self.noise, self.sample_rate, rounds_done, self.delta, "rdp")
+
+    def summary(self, rounds_done: int) -> dict:
+        return {"level": "client", "target_epsilon": self.target, "delta": self.delta, "clip": self.clip,
+                "noise_multiplier": self.noise, "clients_per_round": self.m, "sample_rate": self.sample_rate,
+                "planned_rounds": self.rounds, "rounds": rounds_done, "accountant": "rdp",
+                "epsilon_spent": self.epsilon(rounds_done)}
+
+
+def parse_split(split: str) -> tuple[str, float | None]:
+    """('iid', None) or ('dirichlet', alpha) from --split."""
+    if split == "iid":
+        return "iid", None
+    if split.startswith("dirichlet:"):
+        try:
+            alpha = float(split.split(":", 1)[1])
+        except ValueError:
+            alpha = -1.0
+        if math.isfinite(alpha) and alpha > 0:
+            return "dirichlet", alpha
+    raise ValueError(f"--split must be iid or dirichlet:ALPHA with ALPHA > 0 (e.g. dirichlet:0.5), not {split!r}")
+
+
+def split_shards(n: int, clients: int, split: str, labels: list[int] | None = None, seed: int = 0) -> list[list[int]]:
+    """Example indices of each client: iid (a shuffled even split) or Dirichlet(alpha) label proportions per client.
+
+    Dirichlet: for each class, the share of its examples each client gets is drawn from Dir(alpha, ..., alpha)
+    (Hsu et al. 2019); small alpha gives clients few classes. Draws are repeated until every client has an example.
+    """
+    kind, alpha = parse_split(split)
+    if clients > n:
+        raise ValueError(f"--clients {clients} is more than the {n} training examples: each client needs at least one")
+    rng = np.random.default_rng(seed)
+    if kind == "iid":
+        return [sorted(s.tolist()) for s in np.array_split(rng.permutation(n), clients)]
+    if labels is None:
+        raise ValueError("--split dirichlet needs class labels: use it with classification data (or --split iid)")
+    labels = np.asarray(labels)
+    for _ in range(1000):
+        shards: list[list[int]] = [[] for _ in range(clients)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * clients)) * len(idx)).astype(int)[:-1]
+            for k, part in enumerate(np.split(idx, cuts)):
+                shards[k] += part.tolist()
+        if min(len(s) for s in shards) > 0:
+            return [sorted(s) for s in shards]
+    raise ValueError(f"--split {split}: could not give each of {clients} clients an example in 1000 draws; "
+                     "use fewer clients or a larger alpha")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model both sides build, and the adapter as a list of arrays (the only thing that travels)
+
+
+def _finetune_config(fc: FederateConfig) -> FinetuneConfig:
+    return FinetuneConfig(data=fc.data, out=fc.out, model=fc.model, task=fc.task, method="lora",
+                          val_fraction=fc.val_fraction, max_length=fc.max_length, batch_size=fc.batch_size,
+                          lora_r=fc.lora_r, lora_alpha=fc.lora_alpha, lora_dropout=0.0,
+                          lora_targets=list(fc.lora_targets), lora_layers=fc.lora_layers, seed=fc.seed)
+
+
+def build(fc: FederateConfig) -> dict:
+    """finetune.prepare's model (LoRA + head) and examples; the same on the server and on every client."""
+    torch.manual_seed(fc.seed)  # the same adapter initialisation everywhere (the server's is sent out anyway)
+    p = prepare(_finetune_config(fc))
+    p["loss"] = classify_loss if p["task"] == "classify" else clm_loss
+    p["keys"] = list(lora_lib.lora_state_dict(p["lm"].model, p["extra"]))
+    p["pad"] = _pad_id(p["lm"].tokenizer, p["lm"].model.config)
+    return p
+
+
+def get_weights(model, keys) -> list[np.ndarray]:
+    """The adapter tensors (in `keys` order) as float32 arrays."""
+    sd = model.state_dict()
+    return [sd[k].detach().float().cpu().numpy() for k in keys]
+
+
+def set_weights(model, keys, arrays) -> None:
+    """Load adapter arrays (in `keys` order) into the model, checking names and shapes line up."""
+    sd = model.state_dict()
+    if len(arrays) != len(keys):
+        raise ValueError(f"received {len(arrays)} adapter tensors, this model has {len(keys)}")
+    new = {}
+    for k, a in zip(keys, arrays):
+        if tuple(a.shape) != tuple(sd[k].shape):
+            raise ValueError(f"adapter tensor {k} has shape {tuple(a.shape)}, this model needs {tuple(sd[k].shape)}")
+        new[k] = torch.from_numpy(np.ascontiguousarray(a)).to(sd[k].dtype)
+    model.load_state_dict(new, strict=False)
+
+
+def _quiet_flower():
+    # Flower logs every message exchange at INFO and a deprecation banner at WARNING; llmkit prints its own lines
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# client
+
+
+def make_client(fc: FederateConfig, shard: int | None, p: dict | None = None):
+    """A Flower NumPyClient that trains the adapter on this client's examples with train.py's loop."""
+    import flwr as fl
+
+    from llmkit.train.loop import TrainConfig, train
+
+    p = p or build(fc)
+    model, keys = p["lm"].model, p["keys"]
+    examples = p["train"]
+    if shard is not None:
+        labels = [e["labels"] for e in examples] if p["task"] == "classify" else None
+        examples = [examples[i] for i in split_shards(len(examples), fc.clients, fc.split, labels, fc.seed)[shard]]
+    loader = ExampleLoader(examples, min(fc.batch_size, len(examples)), p["pad"], seed=fc.seed + (shard or 0))
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    fail = os.environ.get(FAIL_ENV, "")
+    client_id = str(shard) if shard is not None else f"{socket.gethostname()}-{os.getpid()}"
+    name = f"client {client_id}"
+
+    class LoRAClient(fl.client.NumPyClient):
+        def get_parameters(self, config):
+            return get_weights(model, keys)
+
+        def fit(self, parameters, config):
+            rnd = int(config.get("server_round", 0))
+            if fail == f"{shard}:{rnd}":
+                print(f"{name}: exiting in round {rnd} ({FAIL_ENV})", file=sys.stderr, flush=True)
+                os._exit(3)
+            if "id2label" in config and p["task"] == "classify" and \
+                    json.loads(str(config["id2label"])) != model.config.id2label:
+                raise ValueError(f"{name}: this client's labels {model.config.id2label} differ from the server's")
+            set_weights(model, keys, parameters)
+            mu = float(config.get("proximal_mu", 0.0))
+            anchor = [q.detach().clone() for q in trainable]
+
+            def loss_fn(m, batch):  # FedProx: stay near the global adapter
+                loss, extras = _unpack(p["loss"](m, batch))
+                if mu > 0:
+                    loss = loss + mu / 2 * sum(((q - a) ** 2).sum() for q, a in zip(trainable, anchor))
+                return loss, extras
+
+            tc = TrainConfig(max_steps=int(config.get("local_steps", fc.local_steps)), lr=fc.lr, min_lr=fc.lr,
+                             warmup_steps=0, weight_decay=0.0, eval_every=0, log_every=10 ** 9, seed=fc.seed + rnd,
+                             device="cpu", dtype="float32", progress=False)
+            t0 = time.time()
+            res = train(model, loader, loss_fn, tc)
+            print(f"{name}: round {rnd}: {tc.max_steps} local steps, train_loss {res['train_loss']:.4f} "
+                  f"({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
+            return get_weights(model, keys), len(examples), {"train_loss": float(res["train_loss"]),
+                                                             "client": client_id}
+
+        def evaluate(self, parameters, config):
+            return 0.0, len(examples), {}
+
+    return LoRAClient()
+
+
+def _unpack(out):
+    return (out[0], out[1]) if isinstance(out, tuple) else (out, {})
+
+
+def run_client(fc: FederateConfig, server: str, shard: int | None = None) -> None:
+    """Connect to a Flower server and train when asked, until the server ends the run."""
+    import flwr as fl
+
+    _quiet_flower()
+    client = make_client(fc, shard)
+    print(f"client {'' if shard is None else shard}: connecting to {server}", file=sys.stderr, flush=True)
+    wait_for_server(server, fc.connect_timeout)
+    try:
+        fl.client.start_client(server_address=server, client=client.to_client(), max_wait_time=fc.connect_timeout)
+    except Exception as e:  # gRPC's errors are pages long: one line says what happened
+        detail = e.details() if callable(getattr(e, "details", None)) else None  # grpc.RpcError
+        raise ConnectionError(f"lost the connection to the server at {server}: {detail or type(e).__name__}") from e
+
+
+def wait_for_server(address: str, timeout: float) -> None:
+    """Return once HOST:PORT accepts TCP connections (a server may still be loading its model), or raise.
+
+    Flower's bidirectional gRPC client does not retry a refused first connection, so clients started before their
+    server (or on other machines, in any order) wait here."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--server must be HOST:PORT, not {address!r}")
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+                return
+        except OSError as e:
+            if time.time() >= deadline:
+                raise ConnectionError(f"no Flower server answered at {address} within {timeout:.0f} s "
+                                      f"(--connect-timeout): {e.strerror or e}") from None
+            time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# server
+
+
+def _strategy(fc: FederateConfig, p: dict, log_row, dp: ClientDP | None = None):
+    """FedAvg or FedProx that evaluates the global adapter after each round and logs clients, failures and bytes."""
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.strategy import FedAvg, FedProx
+
+    from llmkit.train.loop import evaluate
+
+    model, keys = p["lm"].model, p["keys"]
+    val = ExampleLoader(p["val"], fc.batch_size, p["pad"], shuffle=False)
+    base = FedProx if fc.strategy == "fedprox" else FedAvg
+    id2label = json.dumps(model.config.id2label) if p["task"] == "classify" else None
+
+    rows: dict = {}
+
+    class Strategy(base):
+        final: list | None = None
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            if server_round == 1:  # start when every expected client is there; later rounds use those still there
+                print(f"server: waiting for {fc.clients} clients", file=sys.stderr, flush=True)
+                if not client_manager.wait_for(fc.clients, timeout=fc.connect_timeout):
+                    print(f"server: only {client_manager.num_available()} of {fc.clients} clients connected "
+                          f"within {fc.connect_timeout:.0f} s; going on with them", file=sys.stderr, flush=True)
+            if client_manager.num_available() == 0:
+                raise ValueError(f"round {server_round}: no client is connected (local runs: see OUT/client-logs)")
+            ins = super().configure_fit(server_round, parameters, client_manager)
+            for _, fit_ins in ins:
+                fit_ins.config.update({"server_round": server_round, "local_steps": fc.local_steps,
+                                       **({"id2label": id2label} if id2label else {})})
+            size = sum(len(t) for t in parameters.tensors)
+            rows[server_round] = {"round": server_round, "clients_sampled": len(ins),
+                                  "bytes_sent": size * len(ins), "t0": time.time()}
+            if dp is not None:
+                self.current = parameters_to_ndarrays(parameters)
+            return ins
+
+        def aggregate_fit(self, server_round, results, failures):
+            row = rows[server_round]
+            row["clients_ok"], row["clients_failed"] = len(results), len(failures)
+            row["bytes_received"] = sum(len(t) for _, r in results for t in r.parameters.tensors)
+            row["client_train_loss"] = {str(r.metrics.get("client", i)): round(float(r.metrics["train_loss"]), 6)
+                                        for i, (_, r) in enumerate(results)}
+            row["client_examples"] = {str(r.metrics.get("client", i)): r.num_examples
+                                      for i, (_, r) in enumerate(results)}
+            if failures:
+                why = sorted({type(f).__name__ if isinstance(f, BaseException) else "error result" for f in failures})
+                row["failures"] = why
+                print(f"server: round {server_round}: {len(failures)} client(s) failed ({', '.join(why)}); "
+                      f"aggregating the other {len(results)}", file=sys.stderr, flush=True)
+            if not results:
+                print(f"server: round {server_round}: no client finished; the global adapter is unchanged",
+                      file=sys.stderr, flush=True)
+            if dp is None:
+                return super().aggregate_fit(server_round, results, failures)
+            new, info = dp.aggregate(self.current, [parameters_to_ndarrays(r.parameters) for _, r in results])
+            row.update(dp_clipped=info["clipped"], update_norms=info["update_norms"],
+                       epsilon=round(dp.epsilon(server_round), 4))
+            return ndarrays_to_parameters(new), {}
+
+    def evaluate_fn(server_round, arrays, config):
+        set_weights(model, keys, arrays)
+        ev = evaluate(model, val, p["loss"], len(val), None, torch.device("cpu"))
+        row = rows.get(server_round, {"round": server_round})
+        row.update({k: round(float(v), 6) for k, v in ev.items()})
+        if "t0" in row:
+            row["seconds"] = round(time.time() - row.pop("t0"), 2)
+        strategy.final = arrays
+        log_row(row)
+        acc = f", val_acc {ev['val_acc']:.4f}" if "val_acc" in ev else ""
+        eps = f", epsilon {row['epsilon']:.3f}" if "epsilon" in row else ""
+        print(f"server: round {server_round}: val_loss {ev['val_loss']:.4f}{acc}{eps}", file=sys.stderr, flush=True)
+        return float(ev["val_loss"]), {}
+
+    kw = dict(fraction_fit=fc.fraction_fit, fraction_evaluate=0.0, min_fit_clients=1, min_evaluate_clients=1,
+              min_available_clients=1, accept_failures=True, evaluate_fn=evaluate_fn,
+              initial_parameters=ndarrays_to_parameters(get_weights(model, keys)))
+    if fc.strategy == "fedprox":
+        kw["proximal_mu"] = fc.mu
+    strategy = Strategy(**kw)
+    return strategy
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _client_command(fc: FederateConfig, server: str, shard: int) -> list[str]:
+    cmd = [sys.executable, "-m", "llmkit", "federate", "--role", "client", "--server", server,
+           "--shard", f"{shard}/{fc.clients}"]
+    for k, v in asdict(fc).items():
+        if k in ("out", "clients", "rounds", "strategy", "mu", "fraction_fit", "round_timeout", "dp_epsilon",
+                 "dp_delta", "dp_clip") or v is None:
+            continue
+        cmd += [f"--{k.replace('_', '-')}", ",".join(v) if isinstance(v, list) else str(v)]
+    return cmd
+
+
+def federate(fc: FederateConfig, role: str = "local", listen: str | None = None) -> dict:
+    """Run the server (role "server": clients connect to `listen`; "local": also start --clients local client
+    processes on loopback). Writes OUT/metrics.jsonl, OUT/federate.png, OUT/run_config.json and the final adapter."""
+    import flwr as fl
+
+    from llmkit.utils.io import write_json
+
+    fc.check()
+    out = Path(fc.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not empty; choose a new --out")
+    dp = ClientDP(fc) if fc.dp_epsilon is not None else None  # an unreachable epsilon fails here
+    p = build(fc)
+    labels = [e["labels"] for e in p["train"]] if p["task"] == "classify" else None
+    shards = split_shards(len(p["train"]), fc.clients, fc.split, labels, fc.seed)  # fails here on bad splits
+    _quiet_flower()
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    metrics.write_text("")
+    write_json(out / "run_config.json", {"federate": {**asdict(fc), "role": role, "task": p["task"],
+                                                      "n_train": len(p["train"]), "n_val": len(p["val"]),
+                                                      "shard_sizes": [len(s) for s in shards]}})
+    print(f"federated {p['task']} fine-tuning: {fc.clients} clients ({fc.split}, shard sizes "
+          f"{[len(s) for s in shards]}), {fc.rounds} rounds of {fc.local_steps} local steps, {fc.strategy}",
+          file=sys.stderr, flush=True)
+
+    def log_row(row):
+        with open(metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    strategy = _strategy(fc, p, log_row, dp)
+    if dp is not None:
+        print(f"client-level DP: clip {dp.clip:g}, noise multiplier {dp.noise:.3f} over {dp.m} clients a round "
+              f"(target epsilon {fc.dp_epsilon:g} at delta {fc.dp_delta:g} after {fc.rounds} rounds)",
+              file=sys.stderr, flush=True)
+    address = listen or f"127.0.0.1:{free_port()}"
+    procs = []
+    if role == "local":
+        logs = out / "client-logs"
+        logs.mkdir()
+        for k in range(fc.clients):
+            with open(logs / f"client-{k}.log", "w") as log:
+                procs.append(subprocess.Popen(_client_command(fc, address, k), stdout=log, stderr=subprocess.STDOUT))
+    t0 = time.time()
+    try:
+        fl.server.start_server(server_address=address, strategy=strategy,
+                               config=fl.server.ServerConfig(num_rounds=fc.rounds, round_timeout=fc.round_timeout))
+    finally:
+        for proc in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    wall = time.time() - t0
+    set_weights(p["lm"].model, p["keys"], strategy.final)
+    base = fc.model if fc.model == "default" else str(Path(fc.model).resolve())
+    lora_lib.save_adapter(out, p["lm"].model, p["lora"], base=base, tokenizer=p["lm"].tokenizer, extra=p["extra"])
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    plot_rounds(rows, out / "federate.png")
+    last = rows[-1]
+    result = {k: v for k, v in last.items() if k.startswith("val_")}
+    result.update(rounds=len(rows) - 1, wall_seconds=round(wall, 2),
+                  bytes_sent=sum(r.get("bytes_sent", 0) for r in rows),
+                  bytes_received=sum(r.get("bytes_received", 0) for r in rows),
+                  client_failures=sum(r.get("clients_failed", 0) for r in rows))
+    if dp is not None:
+        summary = dp.summary(len(rows) - 1)
+        result["epsilon"] = summary["epsilon_spent"]
+        cfg = json.loads((out / "run_config.json").read_text())
+        write_json(out / "run_config.json", {**cfg, "dp": summary})
+    return result
+
+
+def plot_rounds(rows: list[dict], path) -> None:
+    """federate.png: global validation loss (and accuracy) and each client's training loss per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmkit.eval.metrics import _save_figure
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    r = [row["round"] for row in rows]
+    a.plot(r, [row["val_loss"] for row in rows], "o-", label="global val loss")
+    if "val_acc" in rows[0]:
+        a2 = a.twinx()
+        a2.plot(r, [row["val_acc"] for row in rows], "s--", color="tab:green", label="global val accuracy")
+        a2.set_ylabel("accuracy")
+        a2.legend(loc="lower right")
+    a.set_xlabel("round")
+    a.set_ylabel("loss")
+    a.legend(loc="upper left")
+    a.set_title("server-side evaluation of the global adapter")
+    clients = sorted({c for row in rows for c in row.get("client_train_loss", {})},
+                     key=lambda c: (0, int(c), c) if c.isdigit() else (1, 0, c))
+    for c in clients:
+        pts = [(row["round"], row["client_train_loss"][c]) for row in rows if c in row.get("client_train_loss", {})]
+        b.plot(*zip(*pts), "o-", label=f"client {c}")
+    for row in rows:
+        if row.get("clients_failed"):
+            b.axvline(row["round"], color="red", ls=":", lw=1)
+    b.set_xlabel("round")
+    b.set_ylabel("local train loss (last step)")
+    b.set_title("clients (red line: a client failed)")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if clients:
+        b.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Trust: PII recognisers and the content guard."""

@@ -1,0 +1,173 @@
+"""`llmkit data clean`: normalisation, exact and near de-duplication, quality rules, language, PII, the CLI."""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmkit.data.clean import CleanConfig, Cleaner, c4_filter, clean_texts, gopher_rule, normalize_text
+
+DATA = Path(__file__).parents[1] / "data"
+WORDS = ("river city music station history war album season species road film court village game ship church "
+         "player team league series county island bridge school north south east west early late major minor "
+         "first second third great small new old local national royal public open").split()
+
+
+def doc(rng, n=80):
+    return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
+
+
+def test_normalize_nfkc_controls_and_whitespace():
+    assert normalize_text("ｆｕｌｌ\u00a0width\tand   spaces \x07bell\u200b ok\r\n\n\n\nnext  ") == \
+        "full width and spaces bell ok\n\nnext"
+    assert normalize_text("ﬁne café") == "fine café"
+
+
+def test_exact_and_near_duplicates():
+    rng = random.Random(0)
+    base = [doc(rng) for _ in range(30)]
+    near = []
+    for d in base[:10]:  # change one word in 80: Jaccard of 5-word shingles ~0.9
+        w = d.split()
+        w[40] = "zebra"
+        near.append(" ".join(w))
+    texts = base + [base[3], base[7]] + near
+    kept, rep = clean_texts(texts, CleanConfig(dedup=["exact", "near"]))
+    assert rep["removed"] == {"exact_duplicate": 2, "near_duplicate": 10}
+    assert kept == base
+    kept, rep = clean_texts(texts, CleanConfig(dedup=["exact"]))
+    assert len(kept) == 40 and rep["removed"] == {"exact_duplicate": 2}
+
+
+def test_near_duplicate_decision_follows_true_jaccard():
+    rng = random.Random(1)
+    c = Cleaner(CleanConfig(dedup=["near"], near_threshold=0.8))
+    a = [rng.choice(WORDS) + str(rng.randrange(50)) for _ in range(200)]
+
+    def shingles(w):
+        return {" ".join(w[i:i + 5]) for i in range(len(w) - 4)}
+
+    decided = []
+    for k in (2, 4, 20, 60):  # words changed
+        b = list(a)
+        for i in rng.sample(range(200), k):
+            b[i] = "q" + str(i)
+        j = len(shingles(a) & shingles(b)) / len(shingles(a) | shingles(b))
+        est = c.minhash(" ".join(a)).jaccard(c.minhash(" ".join(b)))
+        assert abs(est - j) < 0.15  # MinHash with 128 permutations: standard error ~0.04
+        decided.append((j, est >= 0.8))
+    assert decided[0][1] and not decided[-1][1]
+
+
+def test_gopher_and_c4_rules():
+    good = ("The river runs to the sea and the city grew with it. " * 3 + "People came to trade with the town, "
+            "and the music of the market was heard in every street of the old quarter. ") * 2
+    assert gopher_rule(good.replace("river runs", "river flows", 1)) in (None, "gopher_dup_5gram", "gopher_dup_6gram",
+                                                                       "gopher_dup_7gram", "gopher_dup_8gram",
+                                                                       "gopher_dup_9gram", "gopher_dup_10gram",
+                                                                       "gopher_top_2gram", "gopher_top_3gram",
+                                                                       "gopher_top_4gram")
+    rng = random.Random(3)
+    varied = " ".join(rng.choice(WORDS) for _ in range(120)) + " and the river of the city that was to have been."
+    assert gopher_rule(varied) is None
+    assert gopher_rule("too short text") == "gopher_word_count"
+    assert gopher_rule("# " * 60 + varied) == "gopher_symbol_ratio"
+    assert gopher_rule(" ".join(["1234 5678"] * 60) + " the and of") is not None
+    bullets = "\n".join(["- " + rng.choice(WORDS) + " the of with" for _ in range(40)])
+    assert gopher_rule(bullets) == "gopher_bullet_lines"
+    page = ("First line is a sentence here. Second one too! Third? Yes it is. Fourth line ends. Fifth too.\n"
+            "Click here\nPlease enable JavaScript to view this page.\nRead our privacy policy for details.")
+    out, rule = c4_filter(page)
+    assert rule is None and out == page.split("\n")[0]
+    assert c4_filter("Lorem ipsum dolor sit amet. " * 6)[1] == "c4_lorem_ipsum"
+    assert c4_filter("function f() { return 1; }. " * 6)[1] == "c4_curly_bracket"
+
+
+def test_language_and_pii_and_min_chars():
+    texts = ["The weather is lovely today and we are going for a long walk in the park.",
+             "Das Wetter ist heute schön und wir machen einen langen Spaziergang im Park.",
+             "Le temps est magnifique aujourd'hui et nous allons faire une longue promenade.",
+             "Write to john.doe@example.com or call +44 20 7946 0958 for the tickets.",
+             "tiny"]
+    kept, rep = clean_texts(texts, CleanConfig(langs=["en"], pii="redact", min_chars=10, dedup=[]))
+    assert kept == [texts[0], "Write to [EMAIL] or call [PHONE] for the tickets."]
+    assert rep["removed"] == {"min_chars": 1, "language": 2} and rep["pii"] == {"email": 1, "phone": 1}
+    assert set(rep["languages_removed"]) == {"de", "fr"}
+
+
+def llmkit(*args):
+    return subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_cli_streams_formats_and_writes_a_report(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(5)
+    docs = [doc(rng, 60) for _ in range(20)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[:10] + docs[:3]) + "\n")
+    (tmp_path / "b.csv").write_text("id,text\n" + "\n".join(f'{i},"{d}"' for i, d in enumerate(docs[10:15])) + "\n")
+    pq.write_table(pa.table({"text": docs[15:] + [docs[0]]}), tmp_path / "c.parquet")
+    (tmp_path / "d.txt").write_text(DATA.joinpath("wikitext2_test_excerpt.txt").read_text())
+    out, rep = tmp_path / "out.jsonl", tmp_path / "report.json"
+    r = llmkit("data", "clean", *(str(tmp_path / f) for f in ("a.jsonl", "b.csv", "c.parquet", "d.txt")),
+               "--out", str(out), "--report", str(rep), "--pii", "redact")
+    assert r.returncode == 0, r.stderr
+    kept = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    report = json.loads(rep.read_text())
+    assert kept[:20] == docs and report["removed"]["exact_duplicate"] == 4
+    assert report["documents_in"] == len(kept) + sum(report["removed"].values())
+    assert report["bytes_out"] <= report["bytes_in"] and report["examples"]["exact_duplicate"][0] == docs[0][:300]
+
+
+@pytest.mark.parametrize("content, needle", [(b"", "is empty"), (b"ok line\ncaf\xe9\n", "not UTF-8")])
+def test_cli_bad_input_is_one_line_and_leaves_no_output(tmp_path, content, needle):
+    f = tmp_path / "in.txt"
+    f.write_bytes(content)
+    r = llmkit("data", "clean", str(f), "--out", str(tmp_path / "out.txt"))
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out.txt").exists() and not list(tmp_path.glob(".out.txt*"))
+    r = llmkit("data", "clean", str(DATA / "wikitext2_test_excerpt.txt"), "--out", str(tmp_path / "o.txt"),
+               "--near-threshold", "1.5")
+    assert r.returncode == 2 and "--near-threshold" in r.stderr
+
+
+def test_pretrain_clean_flag_cleans_the_data_first(tmp_path):
+    from llmkit.cli import main
+
+    text = DATA.joinpath("tinyshakespeare_head.txt").read_text()
+    data = tmp_path / "shakes.txt"
+    data.write_text(text + "\n" + text)  # the second copy is all duplicates
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--data", str(data), "--out", str(out), "--char", "--block-size", "32", "--batch-size", "8",
+               "--max-steps", "2", "--eval-steps", "1", "--no-progress", "--n-layer", "1", "--clean",
+               "--dedup", "exact"])
+    assert rc == 0
+    rep = json.loads((out / "clean" / "shakes.report.json").read_text())
+    assert rep["removed"]["exact_duplicate"] > 0
+    assert (out / "clean" / "shakes.txt").stat().st_size <= len(text) + 2  # one copy left
+    assert (out / "config.json").exists()
+
+
+def test_finetune_clean_flag_cleans_chat_records(tmp_path):
+    from llmkit.cli import build_parser
+    from llmkit.cli.trust import clean_finetune_data
+
+    recs = [{"messages": [{"role": "user", "content": "My mail is bob@example.com"},
+                          {"role": "assistant", "content": "Noted,   thanks."}]}] * 2
+    recs.append({"messages": [{"role": "user", "content": "ｈｉ"}, {"role": "assistant", "content": "Hello!"}]})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in recs))
+    args = build_parser().parse_args(["finetune", "--data", str(data), "--out", str(tmp_path / "ft"), "--clean",
+                                      "--pii", "redact"])
+    path = clean_finetune_data(args)
+    kept = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    assert kept == [{"messages": [{"role": "user", "content": "My mail is [EMAIL]"},
+                                  {"role": "assistant", "content": "Noted, thanks."}]},
+                    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]}]
+    rep = json.loads((tmp_path / "ft" / "clean" / "chat.report.json").read_text())
+    assert rep["removed"] == {"exact_duplicate": 1} and rep["pii"] == {"email": 1}
