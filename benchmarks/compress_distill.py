@@ -65,15 +65,16 @@ def main():
     torch.set_num_threads(args.threads)
 
     from llmkit.eval import evaluate
+    from llmkit.utils.io import read_utf8, write_results
     from llmkit.model.checkpoint import load_model, save_model
     from llmkit.compress.distill import DistillConfig, distill, keep_layers
-    from llmkit.compress.prune import non_embedding_params
+    from llmkit.compress.report import non_embedding_params
     from llmkit.train.loop import TrainConfig
 
     t_start, load_before = time.time(), uptime()
     teacher = load_model("default", dtype="float32")
     tok = teacher.tokenizer
-    test = evaluate.read_text(SHARED / "wikitext-2" / "test.txt")
+    test = read_utf8(SHARED / "wikitext-2" / "test.txt")
     tmp = Path(tempfile.mkdtemp(prefix="llmkit-distill-bench-"))
     (tmp / "val.txt").write_text(test[args.ppl_chars:args.ppl_chars + 6000])  # curves: text after the scored part
     tokens = evaluate.tok_encode(tok, test[:args.ppl_chars])
@@ -156,7 +157,7 @@ def main():
                 "validation; run_seconds - train_seconds is loading (and, with --teacher-cache, building the cache "
                 "once: " + (f"top-{args.top_k}" if args.teacher_cache else "not used") + ")",
     }
-    evaluate.write_results(args.out, result)
+    write_results(args.out, result)
     print("\n| model | WikiText-2 ppl | HellaSwag acc_norm |\n|---|---:|---:|")
     for r in rows:
         print(f"| {r['name']} | {r['ppl']:.2f} | {r['hellaswag_acc_norm']:.3f} |")

@@ -53,16 +53,19 @@ def main():
 
     from llmkit.eval import evaluate
     from llmkit.compress import prune as P
+    from llmkit.compress import sparsity as S
+    from llmkit.compress.report import non_embedding_params
+    from llmkit.utils.io import read_utf8, write_results
     from llmkit.model.checkpoint import load_model
 
     t_start = time.time()
     load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     lm = load_model("default", dtype="float32")
     dense, tok = lm.model, lm.tokenizer
-    text = evaluate.read_text(args.test)[: args.ppl_chars]
+    text = read_utf8(args.test)[: args.ppl_chars]
     tokens = evaluate.tok_encode(tok, text)
     prefix = evaluate.prefix_token_id(tok)
-    calib = P.calibration_samples(tok, args.calib, args.calib_samples, args.calib_len, seed=0)
+    calib = S.calibration_samples(tok, args.calib, args.calib_samples, args.calib_len, seed=0)
 
     def ppl(model) -> float:
         r = evaluate.rolling_loglikelihood(model, tokens, prefix, args.context, batch_size=4)
@@ -73,8 +76,8 @@ def main():
     def record(name, model, seconds, **extra):
         t0 = time.time()
         row = {"name": name, "ppl": ppl(model), "params": model.num_params(),
-               "nonzero_block_params": sum(int((lin.weight != 0).sum()) for _, lin in P.block_linears(model)),
-               "block_params": sum(lin.weight.numel() for _, lin in P.block_linears(model)),
+               "nonzero_block_params": sum(int((lin.weight != 0).sum()) for _, lin in S.block_linears(model)),
+               "block_params": sum(lin.weight.numel() for _, lin in S.block_linears(model)),
                "prune_seconds": round(seconds, 1), "eval_seconds": round(time.time() - t0, 1), **extra}
         rows.append(row)
         print(f"{name:<34} ppl {row['ppl']:9.2f}  ({seconds:.0f} s prune)", file=sys.stderr, flush=True)
@@ -83,11 +86,11 @@ def main():
     def pruned(method, sparsity, nm=None):
         m = copy.deepcopy(dense)
         t0 = time.time()
-        P.prune_unstructured(m, method, sparsity, nm, None if method == "magnitude" else calib, progress=False)
+        S.prune_unstructured(m, method, sparsity, nm, None if method == "magnitude" else calib, progress=False)
         return m, time.time() - t0
 
     record("dense", dense, 0.0)
-    for method in P.METHODS:
+    for method in S.METHODS:
         for nm, label in ((None, "50% unstructured"), ((2, 4), "2:4")):
             if method == "sparsegpt" and nm is not None and not args.sparsegpt_nm:
                 continue
@@ -101,7 +104,7 @@ def main():
     small = P.prune_structured(copy.deepcopy(dense), plan, calib)
     s = time.time() - t0
     record("structured 25% heads+mlp", small, s, plan=plan,
-           non_embedding_params=P.non_embedding_params(small), dense_non_embedding=P.non_embedding_params(dense))
+           non_embedding_params=non_embedding_params(small), dense_non_embedding=non_embedding_params(dense))
     if args.recover:
         rec = P._recovery_examples(tok, args.calib, 128, 2)
         rec = (rec[0], rec[1][:4])  # a small validation slice: the benchmark scores WikiText-2 test itself
@@ -149,12 +152,12 @@ def main():
         "sparsegpt_vs_magnitude_50": by["sparsegpt 50% unstructured"] / by["magnitude 50% unstructured"],
         "sweep": sweep, "plot": str(png.relative_to(ROOT)),
         "storage_note": "pruned weights are stored dense: file size and decode speed equal the dense model's",
-        "semi_structured": P.semi_structured_support(),
+        "semi_structured": S.semi_structured_support(),
         "torch_threads": torch.get_num_threads(), "load_before": load_before,
         "load_after": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "seconds": round(time.time() - t_start, 1),
     }
-    evaluate.write_results(args.out, result)
+    write_results(args.out, result)
     print("\n| model | WikiText-2 ppl | prune s |\n|---|---:|---:|")
     for r in rows:
         print(f"| {r['name']} | {r['ppl']:.2f} | {r['prune_seconds']:.0f} |")

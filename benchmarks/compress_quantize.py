@@ -38,10 +38,11 @@ def main():
 
     from llmkit.model import quant as quantize
     from llmkit.model.checkpoint import LoadedModel, default_gguf_path, load_gguf, load_model
-    from llmkit.eval.evaluate import evaluate_choice, evaluate_perplexity, read_text, write_results
+    from llmkit.eval.evaluate import evaluate_choice, evaluate_perplexity
+    from llmkit.utils.io import read_utf8, write_results
 
     lines, total = 0, 0
-    for line in read_text(args.wikitext).splitlines(keepends=True):
+    for line in read_utf8(args.wikitext).splitlines(keepends=True):
         if lines and total + len(line) > args.ppl_chars:
             break
         lines, total = lines + 1, total + len(line)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from llmkit.data.clean import CleanConfig, clean_files, normalize_text
-from llmkit.eval.evaluate import write_results
+from llmkit.utils.io import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"

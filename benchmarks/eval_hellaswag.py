@@ -99,11 +99,12 @@ def main():
     args = ap.parse_args()
 
     from llmkit.eval import evaluate
+    from llmkit.utils.io import read_json_records, write_results
     from llmkit.model.checkpoint import export_hf, load_model
 
     load_before = load_avg()
     lm = load_model("default", dtype="float32")
-    records = evaluate.read_records(args.data)[: args.limit or None]
+    records = read_json_records(args.data)[: args.limit or None]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "items.jsonl"  # the exact items both sides score
@@ -144,7 +145,7 @@ def main():
             print(f"lm-eval: acc {base['acc']:.4f} acc_norm {base['acc_norm']:.4f} "
                   f"{base['seconds'] / len(records):.3f} s/item; speed-up {result['speedup']:.2f}x", file=sys.stderr)
     result["load_after"] = load_avg()
-    evaluate.write_results(args.out, result)
+    write_results(args.out, result)
     print(json.dumps({k: v for k, v in result.items()}, indent=2))
 
 

@@ -41,11 +41,12 @@ def main():
     args = ap.parse_args()
 
     from llmkit.eval import evaluate
+    from llmkit.utils.io import read_utf8, write_results
     from llmkit.model.checkpoint import export_hf, load_model
 
     load_before = load_avg()
     lm = load_model("default", dtype="float32")
-    text = evaluate.read_text(args.data)
+    text = read_utf8(args.data)
     if args.limit:
         text = "".join(text.splitlines(keepends=True)[: args.limit])
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +87,7 @@ def main():
             print(f"lm-eval: bits/byte {bpb:.5f} ({seconds:.1f} s); relative difference "
                   f"{result['bits_per_byte_rel_diff']:.2e}", file=sys.stderr)
     result["load_after"] = load_avg()
-    evaluate.write_results(args.out, result)
+    write_results(args.out, result)
     import json
 
     print(json.dumps(result, indent=2))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llmkit.model.checkpoint import export_hf, load_model
-from llmkit.eval.evaluate import write_results
+from llmkit.utils.io import write_results
 from llmkit.eval.explain import _baseline, attention_maps
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,9 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmkit.eval.evaluate import write_results
+from llmkit.utils.io import write_results
 from llmkit.train.federated import FederateConfig, federate
-from llmkit.train.finetune import FinetuneConfig, finetune, read_classification, report_classification
+from llmkit.data.sft import read_classification
+from llmkit.train.finetune import finetune, report_classification
+from llmkit.train.setup import FinetuneConfig
 from llmkit.train.loop import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,10 @@ from llmkit.model.checkpoint import load_model
 
 from llmkit.utils.io import write_json
 from llmkit.infer.engine import Engine, SamplingParams
-from llmkit.train.finetune import ExampleLoader, FinetuneConfig, encode_chat, finetune
-from llmkit.train.pretrain import clm_loss
+from llmkit.data.sft import ExampleLoader, encode_chat
+from llmkit.train.finetune import finetune
+from llmkit.train.losses import clm_loss
+from llmkit.train.setup import FinetuneConfig
 from llmkit.train.loop import TrainConfig, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from llmkit.utils.io import write_json
-from llmkit.train.finetune import FinetuneConfig, finetune, read_classification, report_classification
+from llmkit.data.sft import read_classification
+from llmkit.train.finetune import finetune, report_classification
+from llmkit.train.setup import FinetuneConfig
 from llmkit.train.loop import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent

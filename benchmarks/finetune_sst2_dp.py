@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from llmkit.eval.evaluate import write_results
-from llmkit.train.finetune import FinetuneConfig, finetune, read_classification, report_classification
+from llmkit.utils.io import write_results
+from llmkit.data.sft import read_classification
+from llmkit.train.finetune import finetune, report_classification
+from llmkit.train.setup import FinetuneConfig
 from llmkit.train.dp import DPConfig
 from llmkit.train.loop import TrainConfig
 

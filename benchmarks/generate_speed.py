@@ -145,7 +145,7 @@ def missed_targets(results) -> list[str]:
 
 
 def chat_only(args):
-    from llmkit.eval.evaluate import write_results
+    from llmkit.utils.io import write_results
 
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -181,7 +181,7 @@ def main():
 
     from llmkit.model.checkpoint import default_gguf_path, load_model
     from llmkit.infer.engine import Engine
-    from llmkit.eval.evaluate import write_results
+    from llmkit.utils.io import write_results
 
     gguf = default_gguf_path()
     setups = args.setups.split(",")

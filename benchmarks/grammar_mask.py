@@ -153,7 +153,7 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/grammar_mask.json"))
     args = ap.parse_args()
     from llmkit.model.checkpoint import load_model
-    from llmkit.eval.evaluate import write_results
+    from llmkit.utils.io import write_results
 
     tok = load_model("default").tokenizer
     text = json.dumps(ANSWER, separators=(",", ":"))

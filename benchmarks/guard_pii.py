@@ -1,5 +1,5 @@
-"""PII detection of llmkit.trust.guard on a labelled set built from templates: precision/recall per type, false positives
-on clean look-alikes, MB/s; against a baseline of bare patterns (the same candidates without validators).
+"""PII detection of llmkit.trust.guard on a labelled set built from templates: precision/recall per type, false
+positives on clean look-alikes, MB/s; against a baseline of bare patterns (the same candidates without validators).
 
 The set: valid payment cards (Visa, Mastercard, Amex, Discover, JCB; Luhn check digit computed; with spaces, dashes
 or none), invalid ones (one digit off), valid IBANs of 8 countries (mod-97 check digits computed) and invalid ones,
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import phonenumbers
 
-from llmkit.eval.evaluate import write_results
+from llmkit.utils.io import write_results
 from llmkit.trust.guard import Finding, Guard, evaluate_guard, luhn_ok
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kv_layout.json"))
     args = ap.parse_args()
     from llmkit.model.checkpoint import load_model
-    from llmkit.eval.evaluate import write_results
+    from llmkit.utils.io import write_results
     from llmkit.model.transformer import KVCache, PackedKV, RowKV
 
     model = load_model("default", dtype="float32").model.eval().fuse_for_decode()

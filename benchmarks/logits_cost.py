@@ -1,5 +1,5 @@
 """The cost of float32 logits per decoded token: the default model's LM head (49,152 x 576, int8 from Q8_0 blocks)
-through the bf16 kernel alone (bf16-rounded logits, what decoding used before issue 20) against model.head_logits
+through the bf16 kernel alone (bf16-rounded logits, what decoding used before issue 20) against logits.head_logits
 (the same kernel, then every logit that may lie within HEAD_MARGIN of the best recomputed exactly in float32), and
 against the whole head in float32. One row (batch-1 decode), on hidden states of 64 positions of held-out WikiText-2
 text; per position the three alternate, best of --repeats; reports medians and the number of exact recomputations.
@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmkit.model import transformer as M  # noqa: E402
+from llmkit.model import logits as M  # noqa: E402
 from llmkit.model.checkpoint import load_model  # noqa: E402
 
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmkit.data.corpus import IGNORE, BlockLoader, tokenize_files  # noqa: E402
-from llmkit.eval.evaluate import write_results  # noqa: E402
+from llmkit.utils.io import write_results  # noqa: E402
 from llmkit.train.pretrain import PretrainConfig, pretrain  # noqa: E402
 from llmkit.model.tokenizer import Tokenizer  # noqa: E402
 from llmkit.train.loop import TrainConfig  # noqa: E402

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmkit.model.checkpoint import load_model  # noqa: E402
-from llmkit.eval.evaluate import write_results  # noqa: E402
+from llmkit.utils.io import write_results  # noqa: E402
 from llmkit.train.pretrain import PretrainConfig, pretrain  # noqa: E402
 from llmkit.train.loop import TrainConfig  # noqa: E402
 

@@ -225,7 +225,7 @@ def main():
                     "included, grows up to this (default: the server's, a fifth of free memory)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_soak.json"))
     args = ap.parse_args()
-    from llmkit.eval.evaluate import write_results
+    from llmkit.utils.io import write_results
 
     port = free_port()
     cmd = [sys.executable, "-m", "llmkit", "serve", "--model", f"default={args.model}", "--port", str(port),

@@ -5,13 +5,13 @@ import sys
 
 
 def report_flags(p):
-    """Flags of the before/after report (compress_report.measure), shared by compare, prune, distill, quantize."""
+    """Flags of the before/after report (llmkit.compress.report.measure), shared by compare, prune, distill."""
     a = p.add_argument
     a("--eval-limit", type=int, default=100, help="HellaSwag items scored (default 100)")
     a("--ppl-chars", type=int, default=100_000, help="characters of WikiText-2 test scored (default 100,000)")
     a("--ppl-context", type=int, default=1024, help="perplexity window in tokens (default 1024)")
-    a("--wikitext", help="perplexity text (default: shared WikiText-2 test, else the tests/data excerpt)")
-    a("--hellaswag", help="HellaSwag-style {query, choices, label} JSONL (default: the shared 1,000-item sample)")
+    a("--wikitext", help="perplexity text (default: the WikiText-2 excerpt llmkit ships, llmkit/eval/data)")
+    a("--hellaswag", help="HellaSwag-style {query, choices, label} JSONL (default: the 8 items llmkit ships)")
     a("--decode-tokens", type=int, default=64, help="tokens decoded to time the decode rate (default 64)")
 
 
@@ -27,7 +27,7 @@ def report_kwargs(args) -> dict:
                 progress=getattr(args, "progress", True))
 
 
-def register(sub):
+def add_compare(sub):
     p = sub.add_parser("compare", help="the compression report table (size, sparsity, RSS, speed, perplexity, "
                        "HellaSwag) for model folders")
     p.add_argument("models", nargs="+", help="model folders, .gguf files or 'default'")
@@ -35,8 +35,6 @@ def register(sub):
     report_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(handler=cmd_compare)
-    add_prune(sub)
-    add_distill(sub)
 
 
 def _common(p):

@@ -1,18 +1,22 @@
-"""Trust commands: `llmkit explain`, `llmkit guard check|eval`, `llmkit data clean`."""
+"""Trust commands: `llmkit explain` (attention maps, token view, attributions) and `llmkit guard check|eval` (PII and
+content-policy checks)."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
+import llmkit.cli.common as common
+from llmkit.cli.flags import Parser, model_flags
 
-def register(sub):
-    from llmkit.cli import _Parser, _model_flags
+# ---------------------------------------------------------------------------------------------------------------
+# explain
 
-    # ---- explain
+
+def add_explain(sub):
     p = sub.add_parser("explain", help="attention maps, token view and attributions of a text (PNG, HTML, JSON)")
     p.add_argument("text", help="the text to explain ('-' reads stdin)")
-    _model_flags(p)
+    model_flags(p)
     p.add_argument("--out", default="explain", help="output folder (default: ./explain)")
     p.add_argument("--layers", default=None, help="layers to show, e.g. 0,1,5 or 0-3 (default: all)")
     p.add_argument("--heads", default=None, help="heads to show, e.g. 0,2 or 0-7 (default: all)")
@@ -27,9 +31,54 @@ def register(sub):
     p.add_argument("--top-k", type=int, default=5, help="alternatives per token in the token view")
     p.set_defaults(handler=cmd_explain)
 
-    # ---- guard
+
+def _indices(spec: str | None, n: int, name: str) -> list[int]:
+    if spec is None:
+        return list(range(n))
+    out = []
+    for part in spec.split(","):
+        a, sep, b = part.strip().partition("-")
+        try:
+            lo, hi = int(a), int(b) if sep else int(a)
+        except ValueError:
+            raise ValueError(f"--{name} {spec!r}: use numbers like 0,2 or 0-3") from None
+        if not 0 <= lo <= hi < n:
+            raise ValueError(f"--{name} {spec!r} out of range: the model has {n} {name} (0-{n - 1})")
+        out += range(lo, hi + 1)
+    return sorted(set(out))
+
+
+def cmd_explain(args):
+    from llmkit.eval.explain import explain_to_folder
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise ValueError("nothing to explain: the text is empty")
+    if args.steps < 1 or args.steps > 1024 or args.top_k < 1 or args.top_k > 20 or args.generate < 0:
+        raise ValueError("--steps must be in 1..1024, --top-k in 1..20 and --generate >= 0")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder; choose a new --out")
+    lm = common.load(args)
+    cfg = lm.config
+    layers, heads = _indices(args.layers, cfg.n_layer, "layers"), _indices(args.heads, cfg.n_head, "heads")
+    written = explain_to_folder(lm, text, out, layers=layers, heads=heads, attributions=args.attributions,
+                                steps=args.steps, target=args.target, generate=args.generate, top_k=args.top_k)
+    for f in written:
+        print(f"wrote {f}", file=sys.stderr)
+    attr = json.loads((out / "explain.json").read_text(encoding="utf-8")).get("attributions")
+    if attr:
+        print(f"attributions ({attr['method']}) computed in {attr['precision']}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# guard
+
+
+def add_guard(sub):
     g = sub.add_parser("guard", help="PII and content-policy checks")
-    gsub = g.add_subparsers(dest="guard_command", required=True, parser_class=_Parser)
+    gsub = g.add_subparsers(dest="guard_command", required=True, parser_class=Parser)
     q = gsub.add_parser("check", help="print the findings in a file or a text")
     q.add_argument("input", help="a file path, a text, or '-' for stdin")
     q.add_argument("--policy", default=None, help="policy YAML (default: every built-in PII recogniser)")
@@ -42,39 +91,6 @@ def register(sub):
     q.add_argument("--policy", default=None, help="policy YAML (default: every built-in PII recogniser)")
     q.add_argument("--out", default=None, help="write the results JSON here")
     q.set_defaults(handler=cmd_guard_eval)
-
-    # ---- data clean
-    d = sub.add_parser("data", help="data tools")
-    dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    c = dsub.add_parser("clean", help="normalise, de-duplicate, filter and redact text data (streaming)")
-    add_clean_flags(c, with_io=True)
-    c.set_defaults(handler=cmd_data_clean)
-
-
-CLEAN_FLAGS = ("dedup", "near_threshold", "shingle", "num_perm", "min_chars", "quality", "lang", "lang_threshold",
-               "pii")
-
-
-def add_clean_flags(c, with_io: bool):
-    """The cleaning flags, shared by `data clean` and pretrain/finetune --clean."""
-    if with_io:
-        c.add_argument("inputs", nargs="+", help=".txt/.jsonl/.json/.csv/.tsv/.parquet files")
-        c.add_argument("--out", required=True, help="output file (.txt one document per line, or .jsonl)")
-        c.add_argument("--report", default=None, help="write the report JSON here")
-        c.add_argument("--text-field", default="text", help="field/column holding the text")
-        c.add_argument("--unit", choices=["line", "doc"], default="line", help=".txt: one document per line "
-                       "(default) or per blank-line-separated block")
-    c.add_argument("--dedup", default="exact,near", help="comma list of exact, near (MinHash LSH) or none")
-    c.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard similarity for near duplicates")
-    c.add_argument("--shingle", type=int, default=5, help="word n-gram size of the MinHash shingles")
-    c.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
-    c.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this")
-    c.add_argument("--quality", choices=["gopher", "c4", "both", "none"], default="none",
-                   help="quality rules to apply (Gopher and/or C4)")
-    c.add_argument("--lang", default=None, help="keep only these languages (comma list of ISO 639-1, e.g. en)")
-    c.add_argument("--lang-threshold", type=float, default=0.5, help="keep a document when one of --lang has at "
-                   "least this probability (py3langid, normalised)")
-    c.add_argument("--pii", choices=["redact", "mask", "hash", "none"], default="none", help="PII in documents")
 
 
 def _read_arg_text(value: str) -> str:
@@ -121,7 +137,7 @@ def cmd_guard_eval(args):
     res = evaluate_guard(_guard_of(args.policy), records)
     res.update(task="guard_eval", data=str(args.data), policy=args.policy)
     if args.out:
-        from llmkit.eval.evaluate import write_results
+        from llmkit.utils.io import write_results
 
         write_results(args.out, res)
     print("| type | precision | recall | f1 | tp | fp | fn |\n|---|---:|---:|---:|---:|---:|---:|")
@@ -129,92 +145,3 @@ def cmd_guard_eval(args):
         print(f"| {t} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['tp']} | {m['fp']} | {m['fn']} |")
     print(f"{res['n']} records, {res['mb_per_s']} MB/s", file=sys.stderr)
     return 0
-
-
-def clean_config(args):
-    """CleanConfig from parsed flags (data clean, pretrain/finetune --clean)."""
-    from llmkit.data.clean import CleanConfig
-
-    dedup = [x.strip() for x in args.dedup.split(",") if x.strip() and x.strip() != "none"]
-    return CleanConfig(dedup=dedup, near_threshold=args.near_threshold, shingle=args.shingle, num_perm=args.num_perm,
-                       min_chars=args.min_chars, quality=args.quality,
-                       langs=[x.strip() for x in args.lang.split(",") if x.strip()] if args.lang else [],
-                       lang_threshold=args.lang_threshold,
-                       pii=None if args.pii == "none" else args.pii)
-
-
-def cmd_data_clean(args):
-    from llmkit.data.clean import clean_files
-
-    report = clean_files(args.inputs, args.out, clean_config(args), text_field=args.text_field, unit=args.unit,
-                         report_path=args.report)
-    kept, total = report["documents_out"], report["documents_in"]
-    print(f"kept {kept} of {total} documents ({report['bytes_out']:,} of {report['bytes_in']:,} bytes); "
-          f"wrote {args.out}", file=sys.stderr)
-    for rule, n in report["removed"].items():
-        print(f"  {rule}: {n}", file=sys.stderr)
-    return 0
-
-
-def _indices(spec: str | None, n: int, name: str) -> list[int]:
-    if spec is None:
-        return list(range(n))
-    out = []
-    for part in spec.split(","):
-        a, sep, b = part.strip().partition("-")
-        try:
-            lo, hi = int(a), int(b) if sep else int(a)
-        except ValueError:
-            raise ValueError(f"--{name} {spec!r}: use numbers like 0,2 or 0-3") from None
-        if not 0 <= lo <= hi < n:
-            raise ValueError(f"--{name} {spec!r} out of range: the model has {n} {name} (0-{n - 1})")
-        out += range(lo, hi + 1)
-    return sorted(set(out))
-
-
-def cmd_explain(args):
-    from llmkit.cli import _load
-    from llmkit.eval.explain import explain_to_folder
-
-    text = sys.stdin.read() if args.text == "-" else args.text
-    if not text.strip():
-        raise ValueError("nothing to explain: the text is empty")
-    if args.steps < 1 or args.steps > 1024 or args.top_k < 1 or args.top_k > 20 or args.generate < 0:
-        raise ValueError("--steps must be in 1..1024, --top-k in 1..20 and --generate >= 0")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty folder; choose a new --out")
-    lm = _load(args)
-    cfg = lm.config
-    layers, heads = _indices(args.layers, cfg.n_layer, "layers"), _indices(args.heads, cfg.n_head, "heads")
-    written = explain_to_folder(lm, text, out, layers=layers, heads=heads, attributions=args.attributions,
-                                steps=args.steps, target=args.target, generate=args.generate, top_k=args.top_k)
-    for f in written:
-        print(f"wrote {f}", file=sys.stderr)
-    attr = json.loads((out / "explain.json").read_text(encoding="utf-8")).get("attributions")
-    if attr:
-        print(f"attributions ({attr['method']}) computed in {attr['precision']}", file=sys.stderr)
-    return 0
-
-
-def clean_finetune_data(args) -> str:
-    """finetune --clean: the cleaned copy of --data in OUT/clean/ (JSONL records, or .txt), with a report."""
-    from llmkit.data.clean import clean_for_training, clean_records
-    from llmkit.eval.evaluate import write_results
-    from llmkit.train.finetune import read_records
-    from llmkit.utils.io import write_atomic
-
-    cfg = clean_config(args)
-    data, kind = read_records(args.data)
-    folder = Path(args.out) / "clean"
-    if kind == "text":
-        return clean_for_training([args.data], args.out, cfg)[0]
-    kept, report = clean_records(data, cfg)
-    if not kept:
-        raise ValueError(f"cleaning removed every record of {args.data}: {report['removed']}")
-    folder.mkdir(parents=True, exist_ok=True)
-    dst = folder / (Path(args.data).stem + ".jsonl")
-    write_atomic(dst, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    write_results(folder / f"{Path(args.data).stem}.report.json", {"input": str(args.data), **report})
-    print(f"[clean] {args.data}: kept {len(kept)} of {len(data)} records -> {dst}", file=sys.stderr)
-    return str(dst)

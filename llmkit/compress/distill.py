@@ -37,7 +37,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmkit.compress import report as cr
+from llmkit.compress.report import non_embedding_params, storage_dtype
 from llmkit.data.corpus import IGNORE
+from llmkit.data.sft import ExampleLoader, build_examples, collate, detect_task, read_task_data, split_train_val
+from llmkit.infer.classify import pad_id_for
+from llmkit.model.checkpoint import build_model, load_model, save_model
+from llmkit.model.config import PRESETS, ModelConfig, preset
+from llmkit.model.transformer import Transformer
+from llmkit.train.loop import setup_distributed, train
+from llmkit.train.setup import FinetuneConfig
+from llmkit.utils.io import write_json
 
 LOSSES = ("forward_kl", "reverse_kl", "symmetric_kl", "jsd")
 
@@ -143,8 +153,6 @@ def same_tokenizer(t_tok, s_tok) -> bool:
 
 def keep_layers(teacher, layers: list[int]):
     """A copy of the teacher holding only the given blocks (in the given order)."""
-    from llmkit.model.checkpoint import build_model
-
     n = teacher.config.n_layer
     if not layers or len(set(layers)) != len(layers) or any(not 0 <= i < n for i in layers):
         raise ValueError(f"--keep-layers must list distinct block indices in 0..{n - 1}, got {layers}")
@@ -159,10 +167,6 @@ def keep_layers(teacher, layers: list[int]):
 def build_student(spec: str | None, teacher_lm, init_from_teacher: bool = False, layers: list[int] | None = None,
                   seed: int = 0):
     """(student model, note): from the teacher's blocks, a model folder, a preset or a config.json."""
-    from llmkit.model.checkpoint import load_model
-    from llmkit.model.config import PRESETS, ModelConfig
-    from llmkit.model.transformer import Transformer
-
     tcfg = teacher_lm.model.config
     if init_from_teacher:
         if spec:
@@ -183,8 +187,6 @@ def build_student(spec: str | None, teacher_lm, init_from_teacher: bool = False,
     elif spec in PRESETS or p.suffix == ".json":
         torch.manual_seed(seed)
         if spec in PRESETS:  # the preset's shape with the teacher's vocabulary and special tokens
-            from llmkit.model.config import preset
-
             cfg = preset(spec, vocab_size=tcfg.vocab_size, bos_token_id=tcfg.bos_token_id,
                          eos_token_id=tcfg.eos_token_id, pad_token_id=tcfg.pad_token_id,
                          num_labels=tcfg.num_labels, id2label=tcfg.id2label)
@@ -247,8 +249,6 @@ def build_cache(cache_dir, teacher, examples: list[dict], k: int, meta: dict, ba
     """Run the teacher once over every example and store its top-k next-token ids and log-probabilities."""
     from tqdm import tqdm
 
-    from llmkit.train.finetune import collate
-
     p = Path(cache_dir)
     p.mkdir(parents=True, exist_ok=True)
     n = meta["n_tokens"]
@@ -272,8 +272,6 @@ def build_cache(cache_dir, teacher, examples: list[dict], k: int, meta: dict, ba
     lps.flush()
     (p / ".ids.npy.tmp").replace(p / "ids.npy")
     (p / ".logprobs.npy.tmp").replace(p / "logprobs.npy")
-    from llmkit.utils.io import write_json
-
     write_json(p / "meta.json", meta)  # written last: its presence means the cache is complete
 
 
@@ -289,9 +287,7 @@ def attach_cache(cache_dir, examples: list[dict]):
 
 
 def kd_collate(examples: list[dict], pad_id: int) -> dict:
-    """finetune.collate plus the examples' cached teacher rows, zero-padded (padding is never scored)."""
-    from llmkit.train.finetune import collate
-
+    """data.sft.collate plus the examples' cached teacher rows, zero-padded (padding is never scored)."""
     batch = collate(examples, pad_id)
     if "teacher_ids" in examples[0]:
         B, T = batch["input_ids"].shape
@@ -356,10 +352,6 @@ def validate(dc: DistillConfig, resume: bool = False):
 
 def prepare(dc: DistillConfig) -> dict:
     """Load teacher and student, tokenize the data, check they fit together; nothing is written."""
-    from llmkit.train import finetune as ft
-    from llmkit.model.checkpoint import load_model
-    from llmkit.compress.prune import non_embedding_params
-
     teacher_lm = load_model(dc.teacher, dtype="float32", device=dc.device)
     tok, tcfg = teacher_lm.tokenizer, teacher_lm.model.config
     if tok is None:
@@ -369,23 +361,23 @@ def prepare(dc: DistillConfig) -> dict:
                          "classifiers")
     student, how = build_student(dc.student, teacher_lm, dc.init_from_teacher, dc.keep_layers, dc.seed)
     classify = bool(tcfg.num_labels)
-    fc = ft.FinetuneConfig(data=dc.data, out=dc.out, max_length=min(dc.max_length, tcfg.max_position_embeddings,
-                                                                    student.config.max_position_embeddings),
-                           seed=dc.seed, task=dc.task)
-    data, kind = ft.read_records(dc.data)
-    task = dc.task or ft.detect_task(data, kind)
+    fc = FinetuneConfig(data=dc.data, out=dc.out, max_length=min(dc.max_length, tcfg.max_position_embeddings,
+                                                                 student.config.max_position_embeddings),
+                        seed=dc.seed, task=dc.task)
+    data, kind = read_task_data(dc.data)
+    task = dc.task or detect_task(data, kind)
     if classify != (task == "classify"):
         raise ValueError(f"a {'classifier' if classify else 'language-model'} teacher needs "
                          f"{'classification' if classify else 'text or chat'} data, got {task} data")
     if task in ("chat", "instruct") and not tok.chat_template:
         raise ValueError(f"{dc.teacher} has no chat template, so {task} data cannot be rendered; use --task text")
     id2label = tcfg.id2label if classify else None
-    train_ex, _, _, _, _ = ft.build_examples(tok, data, kind, task, fc, id2label=id2label, path=dc.data)
+    train_ex, _, _, _, _ = build_examples(tok, data, kind, task, fc, id2label=id2label, path=dc.data)
     if dc.val_data:
-        vdata, vkind = ft.read_records(dc.val_data)
-        val_ex = ft.build_examples(tok, vdata, vkind, task, fc, id2label=id2label, path=dc.val_data)[0]
+        vdata, vkind = read_task_data(dc.val_data)
+        val_ex = build_examples(tok, vdata, vkind, task, fc, id2label=id2label, path=dc.val_data)[0]
     else:
-        (train_ex,), (val_ex,) = ft._split(train_ex, dc.val_fraction, dc.seed)
+        (train_ex,), (val_ex,) = split_train_val(train_ex, dc.val_fraction, dc.seed)
     if len(train_ex) < dc.batch_size:
         raise ValueError(f"{len(train_ex)} training examples are fewer than one batch of {dc.batch_size}: "
                          "use more data or a smaller --batch-size")
@@ -405,11 +397,6 @@ def prepare(dc: DistillConfig) -> dict:
 
 def distill(dc: DistillConfig, tc, epochs: float | None = None) -> dict:
     """Distill dc.teacher into the student with train.py's loop configured by tc; returns the final metrics."""
-    from llmkit.model.checkpoint import save_model
-    from llmkit.compress.report import storage_dtype
-    from llmkit.train.finetune import ExampleLoader, _pad_id
-    from llmkit.train.loop import setup_distributed, train
-
     t0 = time.time()
     validate(dc, tc.resume)
     p = prepare(dc)
@@ -429,7 +416,7 @@ def distill(dc: DistillConfig, tc, epochs: float | None = None) -> dict:
     else:
         teacher.eval().requires_grad_(False)
         teacher_for_loss = teacher
-    pad = _pad_id(tok, student.config)
+    pad = pad_id_for(tok, student.config)
     train_data = ExampleLoader(p["train"], dc.batch_size, pad, seed=dc.seed, collate_fn=kd_collate)
     val_data = ExampleLoader(p["val"], dc.batch_size, pad, shuffle=False, collate_fn=kd_collate)
     if epochs is not None or tc.max_steps <= 0:
@@ -455,8 +442,6 @@ def distill(dc: DistillConfig, tc, epochs: float | None = None) -> dict:
                    run_config=run)
     result["run_seconds"] = time.time() - t0
     if dc.report and tc.out and rank == 0:
-        from llmkit.compress import report as cr
-
         rows = [cr.measure(dc.teacher, name="teacher", **dc.report_kwargs),
                 cr.measure(dc.out, name=f"student ({dc.loss})", run_seconds=result["run_seconds"],
                            **dc.report_kwargs)]

@@ -8,8 +8,10 @@ Each row measures one model folder (or .gguf file, or "default"): parameters, no
 weight files on disk, peak RSS of a fresh process that loads the model and decodes, decode tokens/s (greedy, batch 1),
 WikiText-2 test perplexity (evaluate.evaluate_perplexity, lm-eval's rolling windows) on the first `ppl_chars`
 characters, HellaSwag acc_norm (evaluate.evaluate_choice) on the first `eval_limit` items, and the run time of the
-compression that produced it. Metrics a model cannot have (an encoder has no perplexity, a folder without a tokenizer
-cannot read text) are None and the row says why in "notes".
+compression that produced it. The data comes from the caller (the commands' --wikitext / --hellaswag flags); without
+a file, the small excerpts shipped in llmkit/eval/data/ are scored, which shows the report works but is no
+benchmark. Metrics a model cannot have (an encoder has no perplexity, a folder without a tokenizer cannot read text)
+are None and the row says why in "notes".
 """
 from __future__ import annotations
 
@@ -21,11 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("LLMKIT_SHARED_DATA", "/work/shared/data"))
-# full data sets when this machine has them, the committed excerpts otherwise
-WIKITEXT = [SHARED / "wikitext-2" / "test.txt", ROOT / "tests" / "data" / "wikitext2_test_excerpt.txt"]
-HELLASWAG = [SHARED / "hellaswag" / "val_1000.jsonl", ROOT / "tests" / "data" / "hellaswag_val_8.jsonl"]
+import torch
+
+from llmkit.infer.engine import Engine, SamplingParams
+from llmkit.model.checkpoint import default_model_dir, load_model
+from llmkit.utils.io import read_utf8, write_atomic, write_json
+
+# the folder holding this copy of the llmkit package: the probe's subprocess imports the same copy
+IMPORT_ROOT = Path(__file__).resolve().parents[2]
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")
 
 COLUMNS = [  # (key, header, format)
@@ -41,12 +46,12 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
-def default_data(kind: str) -> str | None:
-    """The WikiText-2 test file ("wikitext") or HellaSwag sample ("hellaswag") found on this machine, or None."""
-    for p in {"wikitext": WIKITEXT, "hellaswag": HELLASWAG}[kind]:
-        if p.is_file():
-            return str(p)
-    return None
+def default_data(kind: str) -> str:
+    """The excerpt shipped with llmkit that the report scores when no file is given: "wikitext" (4 KB of WikiText-2
+    test) or "hellaswag" (8 HellaSwag items)."""
+    from llmkit.eval.evaluate import HELLASWAG_SAMPLE, WIKITEXT_SAMPLE  # imported here: see measure()
+
+    return str({"wikitext": WIKITEXT_SAMPLE, "hellaswag": HELLASWAG_SAMPLE}[kind])
 
 
 def weight_bytes(spec) -> int:
@@ -70,6 +75,12 @@ def count_params(model) -> tuple[int, int]:
     return total, nonzero
 
 
+def non_embedding_params(model) -> int:
+    """Parameters outside the token/position embeddings and the LM head."""
+    skip = ("embed_tokens.", "embed_positions.", "embed_types.", "lm_head.")
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(skip))
+
+
 def storage_dtype(spec) -> str | None:
     """The dtype a model folder stores its weights in ("bfloat16", "float16", "float32"), or None if unknown;
     compressed copies are saved in it so that file sizes compare like with like."""
@@ -83,8 +94,6 @@ def storage_dtype(spec) -> str | None:
 
 def _resolve(spec) -> Path:
     if str(spec) == "default":
-        from llmkit.model.checkpoint import default_model_dir
-
         return default_model_dir()
     p = Path(spec)
     if not p.exists():
@@ -94,10 +103,8 @@ def _resolve(spec) -> Path:
 
 def _ppl_lines(path, chars: int) -> int:
     """How many whole lines of the file fit in `chars` characters (at least one)."""
-    from llmkit.eval.evaluate import read_text
-
     n, total = 0, 0
-    for line in read_text(path).splitlines(keepends=True):
+    for line in read_utf8(path).splitlines(keepends=True):
         if n and total + len(line) > chars:
             break
         n, total = n + 1, total + len(line)
@@ -106,13 +113,12 @@ def _ppl_lines(path, chars: int) -> int:
 
 def probe(spec, decode_tokens: int = 64, dtype=None) -> dict:
     """Load and decode in a fresh Python process: its peak RSS and the decode rate (greedy, batch 1, EOS ignored)."""
-    import torch
-
     # the same number of threads as the caller: rates measured side by side stay comparable
     code = ("import json,sys,torch; torch.set_num_threads(int(sys.argv[4])); "
             "from llmkit.compress.report import _probe_main; "
             "print(json.dumps(_probe_main(sys.argv[1], int(sys.argv[2]), sys.argv[3] or None)))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x])}
+    path = os.pathsep.join([str(IMPORT_ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x])
+    env = {**os.environ, "PYTHONPATH": path}
     r = subprocess.run([sys.executable, "-c", code, str(spec), str(decode_tokens), dtype or "",
                         str(torch.get_num_threads())], capture_output=True,
                        text=True, env=env)
@@ -124,11 +130,6 @@ def probe(spec, decode_tokens: int = 64, dtype=None) -> dict:
 
 def _probe_main(spec: str, decode_tokens: int, dtype: str | None) -> dict:
     import resource
-
-    import torch
-
-    from llmkit.model.checkpoint import load_model
-    from llmkit.infer.engine import Engine, SamplingParams
 
     torch.manual_seed(0)
     lm = load_model(spec, dtype=dtype)
@@ -153,11 +154,11 @@ def measure(spec, *, name: str | None = None, wikitext: str | None | bool = None
             run_seconds: float | None = None, dtype: str | None = None, progress: bool = False) -> dict:
     """One report row for a model folder / .gguf file / "default".
 
-    wikitext / hellaswag: a file, None for the default data (shared WikiText-2 test / HellaSwag sample, else the
-    excerpts in tests/data), or False to skip that metric. eval_limit: HellaSwag items; ppl_chars: characters of
-    WikiText scored (whole lines); context: perplexity window (capped by the model's positions).
+    wikitext / hellaswag: a file, None for the excerpt shipped with llmkit (default_data), or False to skip that
+    metric. eval_limit: HellaSwag items; ppl_chars: characters of WikiText scored (whole lines); context: perplexity
+    window (capped by the model's positions).
     """
-    from llmkit.model.checkpoint import load_model
+    # imported here, not above: the probe's subprocess imports this module, and its peak RSS is what it measures
     from llmkit.eval.evaluate import evaluate_choice, evaluate_perplexity
 
     if eval_limit < 1 or ppl_chars < 1 or decode_tokens < 1 or context < 2:
@@ -225,9 +226,6 @@ def render(rows: list[dict], notes: list[str] | None = None) -> str:
 
 def write_report(out_dir, rows: list[dict], notes: list[str] | None = None, command: str | None = None) -> Path:
     """compress_report.json (rows, notes, command) and compress_report.md in out_dir; returns the JSON path."""
-    from llmkit.utils.io import write_json
-    from llmkit.utils.io import write_atomic
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     command = command or " ".join(["llmkit"] + sys.argv[1:])

@@ -16,6 +16,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmkit.trust.guard import Guard, Policy
+from llmkit.utils.io import write_results
+
 QUALITY = ("none", "gopher", "c4", "both")
 
 
@@ -210,8 +213,6 @@ class Cleaner:
             if unknown:
                 raise ValueError(f"--lang {','.join(unknown)}: not a language py3langid knows (ISO 639-1 codes)")
         if cfg.pii:
-            from llmkit.trust.guard import Guard, Policy
-
             self.guard = Guard(Policy(pii_mode=cfg.pii, pii_input="redact"))
 
     def _drop(self, rule: str, text: str) -> None:
@@ -312,7 +313,7 @@ def clean_files(inputs, out, cfg: CleanConfig, text_field: str = "text", unit: s
 
     from tqdm import tqdm
 
-    from llmkit.data.corpus import iter_documents
+    from llmkit.data.corpus import iter_documents  # corpus imports torch, which cleaning never needs
 
     out = Path(out)
     if out.suffix.lower() not in (".txt", ".jsonl"):
@@ -358,8 +359,6 @@ def clean_files(inputs, out, cfg: CleanConfig, text_field: str = "text", unit: s
     report = {"inputs": [str(p) for p in inputs], "output": str(out), **cleaner.report(),
               "seconds": round(seconds, 3), "mb_per_s": round(cleaner.bytes_in / 1e6 / max(seconds, 1e-9), 3)}
     if report_path:
-        from llmkit.eval.evaluate import write_results
-
         write_results(report_path, report)
     return report
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmkit.utils.io import check_file
+
 IGNORE = -100
 FORMATS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -23,34 +25,7 @@ FORMATS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 # reading
 
 
-def check_file(path, what: str = "data file") -> Path:
-    """`path` as a Path if it is a readable file; else one clear error (missing, or a folder where a file belongs)."""
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{what} {path} is a folder; give a file")
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    return p
-
-
-def read_utf8(path, records: bool = False) -> str:
-    """The whole UTF-8 text of a file; errors name the line (or record) with bad bytes, or say the file is empty."""
-    raw = check_file(path).read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        before = raw[:e.start].split(b"\n")
-        where = f"line {len(before)}"
-        if records:  # records are the non-blank lines
-            where = f"record {sum(1 for b in before[:-1] if b.strip()) + 1} ({where})"
-        raise ValueError(f"{path}: {where}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
-                         "convert the file to UTF-8") from None
-    if not text.strip():
-        raise ValueError(f"{path}: the file is empty; give a text file with some content")
-    return text
-
-
-def read_text(path) -> tuple[str, int]:
+def read_text_lossy(path) -> tuple[str, int]:
     """A file's text decoded as UTF-8 with invalid bytes replaced by U+FFFD, and how many were replaced."""
     raw = check_file(path).read_bytes()
     text = raw.decode("utf-8", errors="replace")
@@ -73,7 +48,7 @@ def read_texts(path, text_field: str = "text", lines: bool = False) -> list[str]
         if text_field not in table.column_names:
             raise ValueError(f"{path} has no column {text_field!r} (columns: {table.column_names}); pass --text-field")
         return [t for t in table.column(text_field).to_pylist() if t]
-    text, bad = read_text(p)
+    text, bad = read_text_lossy(p)
     if bad:
         print(f"warning: {path}: replaced {bad} invalid UTF-8 byte sequence(s) with U+FFFD", file=sys.stderr)
     if suffix == ".txt":

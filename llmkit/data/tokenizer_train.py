@@ -15,7 +15,7 @@ DEFAULT_SPECIALS = {"bos_token": "<|bos|>", "eos_token": "<|endoftext|>", "pad_t
 def train_tokenizer(files, vocab_size: int, out_dir=None, char: bool = False,
                     special_tokens: dict[str, str] | None = None, text_field: str = "text") -> Tokenizer:
     """Train a byte-level BPE (or, with char=True, a character-level) tokenizer on files; save it to out_dir."""
-    from llmkit.data.corpus import read_texts  # data.py reads every supported format (txt/jsonl/csv/parquet)
+    from llmkit.data.corpus import read_texts  # every data format; here, not above: corpus imports torch
 
     specials = dict(DEFAULT_SPECIALS if special_tokens is None else special_tokens)
     texts = [t for f in files for t in read_texts(f, text_field=text_field)]
@@ -53,7 +53,7 @@ def train_tokenizer(files, vocab_size: int, out_dir=None, char: bool = False,
 
 def compression(tok: Tokenizer, files, text_field: str = "text") -> tuple[int, int]:
     """(UTF-8 bytes, tokens) of the files under tok: bytes per token measures how well the vocabulary compresses."""
-    from llmkit.data.corpus import read_texts
+    from llmkit.data.corpus import read_texts  # here, not above: corpus imports torch
 
     n_bytes = n_tokens = 0
     for f in files:

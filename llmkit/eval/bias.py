@@ -22,6 +22,7 @@ import numpy as np
 
 from llmkit.eval.evaluate import loglikelihood
 from llmkit.eval.metrics import bootstrap_ci
+from llmkit.utils.plot import save_figure
 
 BUILTIN_PAIRS = Path(__file__).with_name("bias_pairs.jsonl")
 PAIR_FIELDS = ("sent_more", "sent_less", "bias_type")
@@ -125,8 +126,6 @@ def evaluate_pairs(lm, data=None, limit=None, batch_size: int = 32, progress: bo
 
 def plot_pairs(res: dict, path):
     """Bar per bias type: pct_stereotype with its interval, and the 50 % line."""
-    from llmkit.eval.metrics import _save_figure
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +143,7 @@ def plot_pairs(res: dict, path):
     ax.set_ylabel("% pairs: stereotypical sentence more likely")
     ax.set_title("Paired-sentence bias (95 % bootstrap intervals)")
     ax.legend(loc="lower right")
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -239,8 +238,6 @@ def evaluate_templates(lm, data=None, batch_size: int = 32, progress: bool = Fal
 
 def plot_templates(res: dict, path):
     """One panel per gap: a horizontal bar per occupation (positive: the first group's continuation is likelier)."""
-    from llmkit.eval.metrics import _save_figure
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,7 +255,7 @@ def plot_templates(res: dict, path):
         ax.set_title(f"{title}\nmean {res[m]:+.3f}, mean |gap| {res[m + '_abs']:.3f}", fontsize=9)
         ax.set_xlabel("log-likelihood gap (nats)")
     fig.suptitle("Occupation templates: log-likelihood gaps", fontsize=10)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

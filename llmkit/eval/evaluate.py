@@ -10,7 +10,6 @@ Every task returns one flat dict: each metric a plain key (`acc`, `bits_per_byte
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -23,44 +22,19 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.eval import metrics
-from llmkit.data.corpus import read_utf8
+from llmkit.infer.classify import predict_proba
+from llmkit.infer.engine import Engine, SamplingParams
 from llmkit.model.transformer import PackedKV
+from llmkit.utils.io import read_json_records, read_utf8
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading inputs: one clear line per problem, naming the record
+# Reading inputs: one clear line per problem, naming the record (the readers are utils.io's)
 
-
-def read_text(path, records: bool = False) -> str:
-    """The whole UTF-8 text of a file; errors name the line (or record) with bad bytes, or say the file is empty."""
-    return read_utf8(path, records)
-
-
-def read_records(path) -> list[dict]:
-    """Records of a .jsonl file (one JSON object a line) or a .json file holding a list of objects."""
-    text = read_text(path, records=not str(path).endswith(".json"))
-    if str(path).endswith(".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records")
-        records = data
-    else:
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: record {len(records) + 1} (line {n}): not valid JSON ({e.msg})") from None
-    for i, r in enumerate(records, 1):
-        if not isinstance(r, dict):
-            raise ValueError(f"{path}: record {i}: expected a JSON object, got {type(r).__name__}")
-    if not records:
-        raise ValueError(f"{path}: no records found")
-    return records
+# the excerpts shipped with llmkit: the compression report's data when no file is given (tiny: figures on them are a
+# smoke test, not a benchmark)
+SAMPLE_DATA = Path(__file__).with_name("data")
+WIKITEXT_SAMPLE = SAMPLE_DATA / "wikitext2_test_excerpt.txt"
+HELLASWAG_SAMPLE = SAMPLE_DATA / "hellaswag_val_8.jsonl"
 
 
 def _field(path, i, record, name, kind=None):
@@ -272,7 +246,7 @@ def evaluate_perplexity(lm, data, context: int | None = None, stride: int | None
     """Token, word and byte perplexity and bits per byte of a text file, as lm-eval's wikitext task computes them."""
     _need_causal_lm(lm, "perplexity")
     _check_limit(limit)
-    text = read_text(data)
+    text = read_utf8(data)
     if limit:
         text = "".join(text.splitlines(keepends=True)[:limit])
     tok, model = _need_tokenizer(lm), lm.model
@@ -311,7 +285,7 @@ def evaluate_perplexity(lm, data, context: int | None = None, stride: int | None
 
 def load_choice_records(path, query_field="query", choices_field="choices", label_field="label") -> list[dict]:
     """Validated {"query", "choices", "label"} records (field names configurable)."""
-    records = read_records(path)
+    records = read_json_records(path)
     out = []
     for i, r in enumerate(records, 1):
         query = _field(path, i, r, query_field, str)
@@ -410,7 +384,7 @@ def _calibration(probs, golds, plot=None) -> dict:
 def load_generate_records(path, prompt_field="prompt", reference_field="reference") -> list[dict]:
     """Records with a prompt and one reference (a string) or several (a list of strings)."""
     out = []
-    for i, r in enumerate(read_records(path), 1):
+    for i, r in enumerate(read_json_records(path), 1):
         prompt = _field(path, i, r, prompt_field, str)
         name = reference_field if reference_field in r else ("references" if "references" in r else reference_field)
         refs = _field(path, i, r, name)
@@ -426,8 +400,6 @@ def load_generate_records(path, prompt_field="prompt", reference_field="referenc
 def evaluate_generate(lm, data, params=None, prompt_field="prompt", reference_field="reference", chat=False,
                       limit=None, batch_size=16, progress=False) -> dict:
     """Generate for every prompt through the engine (batched) and score against the references."""
-    from llmkit.infer.engine import Engine, SamplingParams
-
     _need_causal_lm(lm, "generation")
     _check_limit(limit)
     records = load_generate_records(data, prompt_field, reference_field)
@@ -462,7 +434,7 @@ def load_classify_records(path, text_field="text", label_field="label", labels: 
     the file's structure only (string labels are kept as they are)."""
     if str(path).endswith((".tsv", ".txt")):
         rows = []
-        for n, line in enumerate(read_text(path).splitlines(), 1):
+        for n, line in enumerate(read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.rsplit("\t", 1)
@@ -474,7 +446,7 @@ def load_classify_records(path, text_field="text", label_field="label", labels: 
         if not rows:
             raise ValueError(f"{path}: no records (a header line only?); give one 'text<TAB>label' line a record")
     else:
-        rows = read_records(path)
+        rows = read_json_records(path)
     out = []
     for i, r in enumerate(rows, 1):
         text, label = _field(path, i, r, text_field, str), _field(path, i, r, label_field)
@@ -507,8 +479,6 @@ def evaluate_classify(lm, data, text_field="text", label_field="label", limit=No
     records = load_classify_records(data, text_field, label_field, labels)
     if limit:
         records = records[:limit]
-    from llmkit.train.finetune import predict_proba
-
     t0 = time.time()
     probs = predict_proba(model, tok, [r["text"] for r in records], cfg.max_position_embeddings, batch_size,
                           progress).tolist()
@@ -574,11 +544,3 @@ def markdown_table(results: dict) -> str:
             ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
             lines.append(f"| {k} | {results[k]:.4f} | {ci_text} |")
     return "\n".join(lines)
-
-
-def write_results(path, results: dict) -> None:
-    """Write results as pretty JSON, atomically, creating the folder."""
-    from llmkit.utils.io import write_json
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, results)

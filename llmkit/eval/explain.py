@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmkit.infer.engine import Engine, SamplingParams
+from llmkit.model import quant as quantize
 from llmkit.model.transformer import capture_attention
+from llmkit.utils.io import write_atomic
 
 WEB = Path(__file__).parents[1] / "web"
 
@@ -107,7 +110,6 @@ def gradient_model(model) -> tuple[torch.nn.Module, str]:
     one (its int4/int8 kernels have no backward) a float32 copy with every weight dequantized exactly."""
     import copy
 
-    from llmkit.model import quant as quantize
 
     if not quantize.is_quantized(model):
         return model, str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -248,8 +250,6 @@ def explain_to_folder(lm, text: str, out, layers=None, heads=None, attributions:
                       target=None, generate: int = 0, top_k: int = 5) -> list[Path]:
     """Everything `llmkit explain` writes, into a new folder: attention.png, rollout.png, explain.json,
     explain.html; returns the paths."""
-    from llmkit.utils.io import write_atomic
-
     cfg = lm.config
     ids = encode(lm, text)
     layers = list(range(cfg.n_layer)) if layers is None else list(layers)
@@ -265,8 +265,6 @@ def explain_to_folder(lm, text: str, out, layers=None, heads=None, attributions:
     if cfg.causal and not cfg.num_labels:
         seq, n_prompt = ids, None
         if generate:
-            from llmkit.infer.engine import Engine, SamplingParams
-
             room = cfg.max_position_embeddings - len(ids)
             if room < 1:
                 raise ValueError("the text fills the context; nothing can be generated after it")

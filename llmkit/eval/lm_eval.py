@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from llmkit.eval import evaluate
+from llmkit.infer.engine import Engine, SamplingParams
+from llmkit.model.checkpoint import load_model
 
 
 @register_model("llmkit")
@@ -27,10 +30,6 @@ class LlmkitLM(LM):
     def __init__(self, pretrained="default", dtype=None, device="cpu", batch_size=32, max_length=None,
                  max_gen_toks=256, **kwargs):
         super().__init__()
-        from llmkit.model.checkpoint import load_model
-
-        import torch
-
         if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cpu"  # lm-eval's CLI asks for cuda by default; fall back as its HF backend does
         self.lm = load_model(pretrained, dtype=dtype, device=device)
@@ -65,8 +64,6 @@ class LlmkitLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, if do_sample) continuations cut at the first stop string, through llmkit's Engine."""
-        from llmkit.infer.engine import Engine, SamplingParams
-
         if self._engine is None:
             self._engine = Engine(self.model, self.tok, self.lm.generation_config)
         out = []

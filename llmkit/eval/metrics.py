@@ -7,10 +7,9 @@ same formula as lm-evaluation-harness's `brier_score`.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
+
+from llmkit.utils.plot import save_figure
 
 # ---------------------------------------------------------------------------------------------------------------
 # Classification
@@ -158,23 +157,6 @@ def text_metrics(hypotheses: list[str], references: list[list[str]]) -> dict:
 # Plots (matplotlib's Agg backend: no display needed)
 
 
-def _save_figure(fig, path):
-    from llmkit.utils.io import shared_mode
-
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        shared_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def plot_confusion_matrix(matrix, labels: list[str], path, title: str = "Confusion matrix"):
     """Write the confusion matrix as a PNG heat map with counts in the cells."""
     import matplotlib
@@ -195,7 +177,7 @@ def plot_confusion_matrix(matrix, labels: list[str], path, title: str = "Confusi
         for j in range(m.shape[1]):
             ax.text(j, i, str(m[i, j]), ha="center", va="center",
                     color="white" if m[i, j] > m.max() / 2 else "black")
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -221,5 +203,5 @@ def plot_reliability(cal: dict, path, title: str = "Reliability diagram"):
     ax.set_ylabel("accuracy")
     ax.set_title(f"{title}\nECE {cal['ece']:.4f}  MCE {cal['mce']:.4f}")
     ax.legend(loc="upper left")
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)

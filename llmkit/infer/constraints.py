@@ -13,21 +13,19 @@ A processor belongs to one row: give each request its own instances. Pass them p
 `engine.generate(prompts, params, processors=[[json_object(engine)], []])`, `engine.chat(msgs, processors=[...])`, or
 the scheduler's Request(processors=[...]). An exception in a processor fails its row only.
 
-The processors themselves are llmkit.infer.grammar's (llguidance): JSON objects, JSON schemas, Lark grammars (tool calls)
-and logit_bias. json_object(engine) and json_schema(engine, schema) below build one for a row of this engine.
+The processors themselves are llmkit.infer.grammar's (llguidance): JSON objects, JSON schemas, Lark grammars (tool
+calls) and logit_bias. json_object(engine) and json_schema(engine, schema) below build one for a row of this engine.
 """
 from __future__ import annotations
+
+from llmkit.infer.grammar import json_object_grammar, json_schema_grammar
 
 
 def json_object(engine):
     """A processor for one row: the output is one JSON object (response_format json_object, `generate --json`)."""
-    from llmkit.infer.grammar import json_object_grammar
-
     return json_object_grammar(engine.tok, engine.eos_ids).processor()
 
 
 def json_schema(engine, schema: dict):
     """A processor for one row: the output is JSON that validates against `schema` (strict json_schema)."""
-    from llmkit.infer.grammar import json_schema_grammar
-
     return json_schema_grammar(engine.tok, schema, engine.eos_ids).processor()

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from llmkit.model import quant as quantize
+from llmkit.model import quant_io
 
 CACHE_FILE = "auto_dtype.json"
 
@@ -91,7 +92,7 @@ def candidates(path) -> list[str]:
             kinds = {t.tensor_type.name for t in gguf.GGUFReader(str(p)).tensors if len(t.shape) == 2}
         except Exception as e:
             raise ValueError(f"cannot read GGUF file {p}: {e} (truncated or corrupt?)") from None
-        native = [] if kinds - set(quantize.GGUF_NATIVE) - {"F32", "F16", "BF16"} else \
+        native = [] if kinds - set(quant_io.GGUF_NATIVE) - {"F32", "F16", "BF16"} else \
             (["int4"] if kinds & {"Q4_0", "Q4_1"} else ["int8"] if "Q8_0" in kinds else [])
         return native + ["float32", "bfloat16"]
     cfg = p / "config.json"
@@ -198,17 +199,20 @@ def choose(spec, path, device, load) -> tuple[dict, object]:
         entry = {"choice": "float32", "kernel_input": None, "step_ms": {}, **base}
         _write(key, entry)
         return entry, loaded.get("float32")
-    print(f"[dtype auto: timing {', '.join(cands)} once on this machine and checking each against float32 ...]",
-          file=sys.stderr)
     first_kin = str(quantize.default_act_dtype()).split(".")[-1]
     kins = [first_kin] + [k for k in quantize.KERNEL_INPUTS if k != first_kin]  # the default kernel input first
-    names = []  # "int4/bfloat16", "int4/float32", "float32", "bfloat16"
-    for dt in cands:
+    names = [n for dt in cands for n in ([f"{dt}/{k}" for k in kins] if dt in quantize.METHODS else [dt])]
+    why = _busy(load_before)
+    if why:  # a busy machine is not timed at all: the shipped format with the default kernel input, if it passes
+        names = names[:1]
+    else:
+        print(f"[dtype auto: timing {', '.join(cands)} once on this machine and checking each against float32 ...]",
+              file=sys.stderr)
+    for dt in dict.fromkeys(n.partition("/")[0] for n in names):
         if dt not in loaded:
             loaded[dt] = load(spec, dt)
-        names += [f"{dt}/{k}" for k in kins] if dt in quantize.METHODS else [dt]
     ids = probe_ids(loaded[cands[0]].tokenizer, cfg)
-    step_ms, why = {}, _busy(load_before)  # a busy machine is not timed at all
+    step_ms = {}
     for name in [] if why else names:
         dt, _, kin = name.partition("/")
         if kin:
@@ -223,6 +227,8 @@ def choose(spec, path, device, load) -> tuple[dict, object]:
             quantize.set_act_dtype(loaded[dt].model, getattr(torch, kin))
         if cand not in probe:
             if ref is None:
+                if "float32" not in loaded:
+                    loaded["float32"] = load(spec, "float32")
                 ref = top1(loaded["float32"].model, ids)
             agree = 1.0 if cand == "float32" else float((top1(loaded[dt].model, ids) == ref).float().mean())
             probe[cand] = round(agree, 4)
@@ -234,12 +240,12 @@ def choose(spec, path, device, load) -> tuple[dict, object]:
              "prefill_ms_per_token": {k: v[2] for k, v in step_ms.items()}, "probe": probe, "probe_tokens": len(ids),
              "load_avg": [load_before, _load_avg()],
              "seconds": round(time.time() - t0, 1), **base}
-    chosen = loaded.pop(choice)
+    chosen = loaded.pop(choice, None)  # None: load_model loads it
     loaded = None
     gc.collect()
     if why:  # keep the probe (quality does not depend on load) but not the choice: time again next start
         _write(key, {"probe": probe, "probe_tokens": len(ids), "disturbed": why, **base})
-        print(f"[dtype auto: timing disturbed ({why}); using {name}, not cached]", file=sys.stderr)
+        print(f"[dtype auto: not timed ({why}); using {name} for now, not cached]", file=sys.stderr)
         return entry | {"disturbed": why}, chosen
     _write(key, entry)
     print(f"[dtype auto: {name} ({', '.join(f'{k} {v[0]} ms' for k, v in step_ms.items())} per decode step; "

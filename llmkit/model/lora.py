@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from llmkit.model.config import ModelConfig
-from llmkit.model.transformer import Transformer, fused_linear
+from llmkit.model.linear import fused_linear
+from llmkit.model.transformer import Transformer
 from llmkit.model.names import hf_module
 from llmkit.utils.io import shared_mode, write_atomic
 

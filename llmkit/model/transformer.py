@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from llmkit.model.config import ModelConfig
 from llmkit.model.kvcache import KVCache, PackedKV, PackedLayer, RowKV  # noqa: F401  (re-exported)
+from llmkit.model.linear import LOW_PRECISION, _fuse, _still_fused, fused_linear, linear
+from llmkit.model.logits import head_logits
 
 
 def activation(name: str):
@@ -89,154 +91,6 @@ def apply_rope(x, cos, sin):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Decode-time matrix-vector products
-#
-# On CPUs, torch's float32 matrix-vector path (a decode step has 1-16 rows) reads weights at about a third of the
-# memory bandwidth and uses one core. Splitting the weight's rows in two halves and running them as a 2-batch bmm
-# uses both halves of the machine and about doubles the rate; fusing q/k/v and gate/up into one buffer each halves
-# the number of calls.
-#
-# bfloat16/float16 weights on a CPU are a storage format: activations stay float32 (CPUs without native bf16 math
-# emulate it op by op, slowly). One row (batch-1 decode) goes through torch's reduced-precision GEMV, which reads
-# half the bytes and accumulates in float32; more rows upcast the weight and run a float32 GEMM.
-# benchmarks/generate_speed.py measures both against transformers.
-
-SMALL_M = 16  # rows (batch x new tokens) up to which the bmm path is used
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-LOW_PRECISION_GEMV_ROWS = 2  # rows up to which low-precision weights take the GEMV path
-
-
-def fused_linear(x, w, b=None):
-    """x (..., K) @ w(N, K).T (+ b), taking the split-bmm path for a few rows."""
-    m = x.numel() // x.shape[-1]
-    if w.dtype != x.dtype:  # bfloat16/float16 weights under float32 activations (CPU, see activation_dtype)
-        if m <= LOW_PRECISION_GEMV_ROWS and not torch.is_grad_enabled():
-            return F.linear(x.to(w.dtype), w, b).to(x.dtype)  # torch's GEMV: fp32 accumulation, half the bytes
-        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
-    if m > SMALL_M or w.shape[0] % 2 or torch.is_grad_enabled():
-        return F.linear(x, w, b)
-    n, k = w.shape
-    x2 = x.reshape(m, k).T.expand(2, k, m)
-    y = torch.bmm(w.view(2, n // 2, k), x2).view(n, m).T
-    if b is not None:
-        y = y + b
-    return y.reshape(*x.shape[:-1], n)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Float32 logits
-#
-# Fast heads round: a bf16 weight's GEMV and the quantized kernels fed bf16 activations return bf16 outputs, whose
-# resolution near a logit of 25 is 0.125, so greedy decoding would take the lower token id at every near-tie and
-# sampling would see coarse probabilities. The LM head therefore always returns float32 logits: for a few rows, the
-# fast kernel gives every logit to within a bound, and each logit that could lie within HEAD_MARGIN of its row's best
-# is computed again exactly (float32 weights as stored, float32 activations, float32 sums); for many rows (scoring a
-# prompt) the whole head runs in float32, a block of rows at a time. See docs/library/numerics.md.
-
-HEAD_MARGIN = 4.0  # logits that may lie within this of their row's best are exact (e^-4: 1.8 % of its probability)
-HEAD_CAP = 1024  # at most this many exact logits per row (the best ones by upper bound: the argmax is always exact)
-EXACT_HEAD_ROWS = 16  # more rows than this: the whole head in float32 (the fast kernel's saving is small there)
-ROUNDING = 2.0 ** -8  # twice bf16's unit roundoff: per input element and for the rounded output (and scales)
-
-
-def head_logits(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Float32 logits (..., V) of an LM head on hidden states x (..., K), on every path (see above)."""
-    if type(head) is nn.Linear and head.weight.dtype == torch.float32 and x.dtype == torch.float32:
-        return fused_linear(x, head.weight, head.bias)  # already float32 from end to end
-    if torch.is_grad_enabled() and type(head) is nn.Linear:
-        return F.linear(x.float(), head.weight.float(), None if head.bias is None else head.bias.float())
-    rows_of = head.exact_rows if hasattr(head, "exact_rows") else _dense_rows(head)
-    shape, x2 = x.shape, x.reshape(-1, x.shape[-1]).float()
-    if len(x2) > EXACT_HEAD_ROWS:
-        y = _exact_head(rows_of, head.bias, x2, head.out_features)
-    else:
-        y = _linear(head, x).reshape(len(x2), -1).float()
-        if getattr(head, "act_dtype", None) != torch.float32 or x.dtype != torch.float32:  # the fast path rounded
-            _refine(y, x2, rows_of, head)
-    return y.reshape(*shape[:-1], -1)
-
-
-def _dense_rows(lin: nn.Linear):
-    return lambda idx: lin.weight[idx].float()
-
-
-def _exact_head(rows_of, bias, x, n_out, block: int = 4096) -> torch.Tensor:
-    y = torch.empty(len(x), n_out, device=x.device)
-    for s in range(0, n_out, block):
-        idx = torch.arange(s, min(s + block, n_out), device=x.device)
-        torch.matmul(x, rows_of(idx).T, out=y[:, s:s + len(idx)])
-    return y if bias is None else y.add_(bias.float())
-
-
-def _row_norms(head, rows_of, device) -> torch.Tensor:
-    """2^-8 ||w_n||_2 of every output row, computed once per head (kept on the module, not in its state)."""
-    norms = head.__dict__.get("_row_norms")
-    if norms is None:
-        n = head.out_features
-        norms = torch.cat([rows_of(torch.arange(s, min(s + 4096, n), device=device)).norm(dim=1)
-                           for s in range(0, n, 4096)]) * ROUNDING
-        head.__dict__["_row_norms"] = norms
-    return norms
-
-
-def _refine(y, x, rows_of, head):
-    """Recompute exactly, in place, every logit of y (M, V) that may lie within HEAD_MARGIN of its row's best.
-
-    The fast path rounds each input to bf16, may round the scales, and rounds the output: |error| <= 2^-8 (||w_n||
-    ||x|| + |y_n|) with a factor of two to spare (Cauchy-Schwarz on the inputs' rounding), plus, where the kernel
-    reads weights requantized from blocks (Int8Linear.kernel_step), half a step per weight: step_n / 2 ||x||_1.
-    Measured errors stay under 0.21 of this bound on the default model. A logit whose upper bound is below the best
-    lower bound minus the margin cannot be within the margin, so it keeps the fast value.
-    """
-    bound = y.abs().mul_(ROUNDING).addcmul_(_row_norms(head, rows_of, x.device)[None], x.norm(dim=1, keepdim=True))
-    step = getattr(head, "kernel_step", None)
-    if step is not None:
-        bound.addcmul_(step[None], x.abs().sum(1, keepdim=True), value=0.5)
-    upper = y + bound
-    floor = (y - bound).amax(1, keepdim=True)
-    near = upper >= floor - HEAD_MARGIN
-    n = int(near.sum(1).max())
-    if len(y) == 1 and n <= HEAD_CAP:
-        cand = near[0].nonzero().T  # (1, n)
-    else:  # the k highest upper bounds of each row hold every logit within the margin (capped; the argmax always)
-        n_tie = int((upper >= floor).sum(1).max())
-        cand = upper.topk(min(max(min(n, HEAD_CAP), n_tie), y.shape[1]), dim=1).indices  # (M, k)
-    w = rows_of(cand.reshape(-1)).view(*cand.shape, -1)  # (M, k, K)
-    exact = torch.bmm(w, x[:, :, None])[..., 0]
-    if head.bias is not None:
-        exact = exact + head.bias.float()[cand]
-    y.scatter_(1, cand, exact)
-
-
-def _fuse(linears: list[nn.Linear]):
-    """One weight (and bias) buffer holding the linears' rows; their parameters' data become views of it.
-
-    The Parameter objects stay the same (only their .data moves), so an optimizer built before the fusion still
-    holds the model's parameters, and training writes into the fused buffer that decoding reads.
-    """
-    w = torch.cat([m.weight.detach() for m in linears])
-    b = torch.cat([m.bias.detach() for m in linears]) if linears[0].bias is not None else None
-    start = 0
-    for m in linears:
-        n = m.weight.shape[0]
-        m.weight.data = w[start:start + n]
-        if b is not None:
-            m.bias.data = b[start:start + n]
-        start += n
-    return w, b
-
-
-def _still_fused(fused, linears) -> bool:
-    # False once a parameter was replaced (model.to(), load_state_dict(assign=True), LoRA wrapping ...); the fused
-    # buffer is no Parameter, so with gradients on (training) the separate layers run and gradients reach them
-    if torch.is_grad_enabled():
-        return False
-    w = fused[0]
-    return all(type(m) is nn.Linear and m.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
-               for m in linears)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Blocks
 
 
@@ -269,14 +123,14 @@ class Attention(nn.Module):
                 qk = apply_rope(qk, *rope).to(v.dtype)
             q, k = qk.split([H, Hkv], 1)
         else:
-            q = _linear(self.q_proj, x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, D)
-            k = _linear(self.k_proj, x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, D)
-            v = _linear(self.v_proj, x).view(B, T, Hkv, hd).transpose(1, 2)
+            q = linear(self.q_proj, x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, D)
+            k = linear(self.k_proj, x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, D)
+            v = linear(self.v_proj, x).view(B, T, Hkv, hd).transpose(1, 2)
             if rope is not None:
                 q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
         if isinstance(kv, PackedLayer):
             y = kv.attend(q, k, v, enable_gqa=cfg.n_kv_head != cfg.n_head)
-            return _linear(self.o_proj, y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
+            return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
         if kv is not None:
             k, v = self._write_cache(*kv, k, v, slots)
         is_causal = mask is None and cfg.causal and T > 1
@@ -292,7 +146,7 @@ class Attention(nn.Module):
                 dropout_p=cfg.attn_dropout if self.training else 0.0,
                 enable_gqa=cfg.n_kv_head != cfg.n_head,
             )
-        return _linear(self.o_proj, y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
+        return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, cfg.n_head * hd))
 
     @staticmethod
     def _write_cache(kc, vc, k, v, slots):
@@ -354,7 +208,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if not self.swiglu:
-            return _linear(self.down_proj, self.act(_linear(self.up_proj, x)))
+            return linear(self.down_proj, self.act(linear(self.up_proj, x)))
         fused = getattr(self, "fused", None)
         linears = (self.gate_proj, self.up_proj)
         qfused = getattr(self, "qfused", None)
@@ -363,12 +217,8 @@ class MLP(nn.Module):
         elif fused is not None and (torch.compiler.is_compiling() or _still_fused(fused, linears)):
             gate, up = fused_linear(x, *fused).chunk(2, -1)
         else:
-            gate, up = _linear(self.gate_proj, x), _linear(self.up_proj, x)
-        return _linear(self.down_proj, self.act(gate) * up)
-
-
-def _linear(m, x):
-    return fused_linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x)
+            gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
+        return linear(self.down_proj, self.act(gate) * up)
 
 
 class Block(nn.Module):
@@ -545,7 +395,7 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         if cfg.mlm_transform:
-            x = self.mlm_norm(activation(cfg.activation)(_linear(self.mlm_dense, x)))
+            x = self.mlm_norm(activation(cfg.activation)(linear(self.mlm_dense, x)))
         return head_logits(self.lm_head, x)
 
     def logits(self, hidden):
@@ -595,8 +445,8 @@ class Transformer(nn.Module):
         """Sequence classification logits from hidden states: [CLS] + pooler for encoders, last real token otherwise."""
         cfg = self.config
         if cfg.pooler:
-            pooled = torch.tanh(_linear(self.pooler, x[:, 0]))
-            return _linear(self.score, self.drop(pooled))
+            pooled = torch.tanh(linear(self.pooler, x[:, 0]))
+            return linear(self.score, self.drop(pooled))
         if real is None and cfg.pad_token_id >= 0:
             real = input_ids != cfg.pad_token_id
         if real is None:
@@ -604,7 +454,7 @@ class Transformer(nn.Module):
         else:  # last real token; works for left and right padding alike
             idx = torch.arange(x.shape[1], device=x.device)
             last = torch.where(real, idx, -1).max(-1).values.clamp(min=0)
-        return _linear(self.score, x[torch.arange(x.shape[0], device=x.device), last])
+        return linear(self.score, x[torch.arange(x.shape[0], device=x.device), last])
 
     # -----------------------------------------------------------------------------------------------------------
     def _cache_step(self, cache: KVCache, real, B, T, dev):

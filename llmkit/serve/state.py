@@ -19,6 +19,7 @@ from llmkit.infer.engine import Engine
 from llmkit.infer.scheduler import Scheduler
 from llmkit.serve.auth import Key, KeyRing, RateLimited, read_key_file
 from llmkit.serve.metrics import HttpCounters
+from llmkit.trust.guard import Guard
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -104,7 +105,7 @@ class ServerState:
     def load(self):
         """Load every model and start its scheduler (runs in a thread; failures are reported by /health)."""
         try:
-            from llmkit.model.checkpoint import load_model
+            from llmkit.model.checkpoint import load_model  # looked up per load: tests patch it
 
             for name, spec in self.cfg.models.items():
                 lm = spec if hasattr(spec, "model") else load_model(spec, dtype=self.cfg.dtype, device=self.cfg.device)
@@ -114,8 +115,6 @@ class ServerState:
                                 batch_invariant=self.cfg.batch_invariant)
                 self.models[name] = Served(name, engine, self._scheduler(engine))
             if self.cfg.guard:
-                from llmkit.trust.guard import Guard
-
                 self.guard = Guard.from_file(self.cfg.guard)
             self.ready = True
             threading.Thread(target=self._watch, name="llmkit-supervisor", daemon=True).start()

@@ -124,7 +124,7 @@ def undo_dp_ready(model: nn.Module) -> nn.Module:
 # per-example losses: DP-SGD clips each example's gradient, so each example's loss must depend on it alone
 
 
-def classify_loss(model, batch):
+def per_example_classify_loss(model, batch):
     """Mean over the batch of each example's cross-entropy (an empty Poisson batch gives 0), and accuracy."""
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], head="classify")  # (B, num_labels)
     losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
@@ -132,7 +132,7 @@ def classify_loss(model, batch):
     return losses.sum() / max(1, len(losses)), {"acc": acc.detach()}
 
 
-def clm_loss(model, batch):
+def per_example_clm_loss(model, batch):
     """Mean over the batch of each example's mean next-token loss (not the mean over all tokens of the batch,
     which would weigh an example by the other examples' lengths)."""
     logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)

@@ -38,9 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmkit.data.sft import ExampleLoader
+from llmkit.infer.classify import pad_id_for
 from llmkit.model import lora as lora_lib
-from llmkit.train.finetune import ExampleLoader, FinetuneConfig, _pad_id, classify_loss, prepare
-from llmkit.train.pretrain import clm_loss
+from llmkit.train import dp as privacy
+from llmkit.train.loop import TrainConfig, evaluate, train
+from llmkit.train.losses import classify_loss, clm_loss
+from llmkit.train.setup import FinetuneConfig, prepare
+from llmkit.utils.io import write_json
+from llmkit.utils.plot import save_figure
 
 STRATEGIES = ("fedavg", "fedprox")
 FAIL_ENV = "LLMKIT_FEDERATE_FAIL"  # "SHARD:ROUND": that client exits mid-round (tests a dying client)
@@ -93,9 +99,7 @@ class FederateConfig:
             raise ValueError(f"--lr must be > 0, not {self.lr}")
         parse_split(self.split)
         if self.dp_epsilon is not None:
-            from llmkit.train.dp import DPConfig
-
-            DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip, "rdp").check()
+            privacy.DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip, "rdp").check()
         return self
 
     def sampled_per_round(self) -> int:
@@ -107,8 +111,6 @@ class ClientDP:
     """DP-FedAvg on the server: clip each client's update, average over the planned m clients, add noise."""
 
     def __init__(self, fc: FederateConfig):
-        from llmkit.train import dp as privacy
-
         self.clip, self.delta, self.m, self.target = fc.dp_clip, fc.dp_delta, fc.sampled_per_round(), fc.dp_epsilon
         self.sample_rate, self.rounds = self.m / fc.clients, fc.rounds
         cfg = privacy.DPConfig(fc.dp_epsilon, fc.dp_delta, fc.dp_clip, "rdp").check()
@@ -132,9 +134,7 @@ class ClientDP:
         return new, {"clipped": sum(n > self.clip for n in norms), "update_norms": norms}
 
     def epsilon(self, rounds_done: int) -> float:
-        from llmkit.train.dp import spent_epsilon
-
-        return spent_epsilon(self.noise, self.sample_rate, rounds_done, self.delta, "rdp")
+        return privacy.spent_epsilon(self.noise, self.sample_rate, rounds_done, self.delta, "rdp")
 
     def summary(self, rounds_done: int) -> dict:
         return {"level": "client", "target_epsilon": self.target, "delta": self.delta, "clip": self.clip,
@@ -197,12 +197,12 @@ def _finetune_config(fc: FederateConfig) -> FinetuneConfig:
 
 
 def build(fc: FederateConfig) -> dict:
-    """finetune.prepare's model (LoRA + head) and examples; the same on the server and on every client."""
+    """setup.prepare's model (LoRA + head) and examples; the same on the server and on every client."""
     torch.manual_seed(fc.seed)  # the same adapter initialisation everywhere (the server's is sent out anyway)
     p = prepare(_finetune_config(fc))
     p["loss"] = classify_loss if p["task"] == "classify" else clm_loss
     p["keys"] = list(lora_lib.lora_state_dict(p["lm"].model, p["extra"]))
-    p["pad"] = _pad_id(p["lm"].tokenizer, p["lm"].model.config)
+    p["pad"] = pad_id_for(p["lm"].tokenizer, p["lm"].model.config)
     return p
 
 
@@ -237,8 +237,6 @@ def _quiet_flower():
 def make_client(fc: FederateConfig, shard: int | None, p: dict | None = None):
     """A Flower NumPyClient that trains the adapter on this client's examples with train.py's loop."""
     import flwr as fl
-
-    from llmkit.train.loop import TrainConfig, train
 
     p = p or build(fc)
     model, keys = p["lm"].model, p["keys"]
@@ -338,8 +336,6 @@ def _strategy(fc: FederateConfig, p: dict, log_row, dp: ClientDP | None = None):
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server.strategy import FedAvg, FedProx
 
-    from llmkit.train.loop import evaluate
-
     model, keys = p["lm"].model, p["keys"]
     val = ExampleLoader(p["val"], fc.batch_size, p["pad"], shuffle=False)
     base = FedProx if fc.strategy == "fedprox" else FedAvg
@@ -423,22 +419,31 @@ def free_port() -> int:
 
 
 def _client_command(fc: FederateConfig, server: str, shard: int) -> list[str]:
-    cmd = [sys.executable, "-m", "llmkit", "federate", "--role", "client", "--server", server,
-           "--shard", f"{shard}/{fc.clients}"]
-    for k, v in asdict(fc).items():
-        if k in ("out", "clients", "rounds", "strategy", "mu", "fraction_fit", "round_timeout", "dp_epsilon",
-                 "dp_delta", "dp_clip") or v is None:
-            continue
-        cmd += [f"--{k.replace('_', '-')}", ",".join(v) if isinstance(v, list) else str(v)]
-    return cmd
+    """A local client process: client_main on shard `shard` (clients on other machines run `llmkit federate --role
+    client`, which calls run_client the same way)."""
+    code = "import sys; from llmkit.train.federated import client_main; raise SystemExit(client_main(sys.argv[1:]))"
+    return [sys.executable, "-c", code, json.dumps(asdict(fc)), server, str(shard)]
+
+
+def client_main(argv: list[str]) -> int:
+    """The entry point of a local client process: argv is [the FederateConfig as JSON, server HOST:PORT, shard].
+    Errors end it with one line, as the CLI's would."""
+    config, server, shard = argv
+    fc = FederateConfig(**json.loads(config))
+    try:
+        fc.check()
+        run_client(fc, server, int(shard))
+    except (ValueError, OSError) as e:
+        msg = str(e) if isinstance(e, ValueError) or not e.strerror else f"{e.strerror}: {e.filename}"
+        print(f"llmkit federate: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def federate(fc: FederateConfig, role: str = "local", listen: str | None = None) -> dict:
     """Run the server (role "server": clients connect to `listen`; "local": also start --clients local client
     processes on loopback). Writes OUT/metrics.jsonl, OUT/federate.png, OUT/run_config.json and the final adapter."""
     import flwr as fl
-
-    from llmkit.utils.io import write_json
 
     fc.check()
     out = Path(fc.out)
@@ -513,8 +518,6 @@ def plot_rounds(rows: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llmkit.eval.metrics import _save_figure
-
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     r = [row["round"] for row in rows]
     a.plot(r, [row["val_loss"] for row in rows], "o-", label="global val loss")
@@ -545,5 +548,5 @@ def plot_rounds(rows: list[dict], path) -> None:
     if clients:
         b.legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from llmkit.data.corpus import BlockLoader, split_tokens, tokenize_files
+from llmkit.data.tokenizer_train import train_tokenizer
+from llmkit.model.checkpoint import config_from_hf, save_model
 from llmkit.model.config import PRESETS, ModelConfig, load_config
-from llmkit.data.corpus import IGNORE, BlockLoader, check_file, read_utf8, split_tokens, tokenize_files
+from llmkit.model.tokenizer import Tokenizer
 from llmkit.model.transformer import Transformer
-from llmkit.train.loop import TrainConfig, setup_distributed, train
+from llmkit.train.loop import TrainConfig, find_checkpoint, setup_distributed, train
+from llmkit.train.losses import clm_loss, mlm_loss
+from llmkit.utils.io import check_file, read_utf8
 
 
 @dataclass
@@ -48,26 +52,7 @@ class PretrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# losses (batch: input_ids (B, T), labels (B, T) with -100 where nothing is scored)
-
-
-def clm_loss(model, batch) -> torch.Tensor:
-    """Next-token cross-entropy where labels are not IGNORE (the loaders align them: labels[t] is the token after t;
-    fine-tuning batches also carry an attention_mask and IGNORE on padding and non-assistant tokens)."""
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
-
-
-def mlm_loss(model, batch):
-    """Cross-entropy on the masked positions, and masked-token accuracy."""
-    logits = model(batch["input_ids"])  # (B, T, V)
-    labels = batch["labels"]
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-    if model.training:  # the training step uses the loss only: no argmax over the vocabulary, no device sync
-        return loss, {}
-    scored = labels != IGNORE
-    acc = ((logits.argmax(-1) == labels) & scored).sum() / scored.sum().clamp(min=1)
-    return loss, {"accuracy": acc.detach()}
+# samples
 
 
 @torch.no_grad()
@@ -176,8 +161,6 @@ def base_model_config(pc: PretrainConfig) -> ModelConfig:
             raise ValueError(f"--model-config {p} must hold a JSON object")
         try:
             if "llmkit" in raw or "model_type" in raw:  # a model folder's HF config.json
-                from llmkit.model.checkpoint import config_from_hf
-
                 return ModelConfig.from_dict(raw["llmkit"]) if "llmkit" in raw else config_from_hf(raw)
             return ModelConfig.from_dict(raw)
         except (TypeError, KeyError, ValueError) as e:
@@ -219,16 +202,12 @@ def resolve_model_config(pc: PretrainConfig, tok) -> ModelConfig:
 
 def get_tokenizer(pc: PretrainConfig, rank: int, world: int):
     """--tokenizer, the one a resumed run saved in out, or a new one trained on the data by rank 0."""
-    from llmkit.model.tokenizer import Tokenizer
-
     if pc.tokenizer:
         return Tokenizer.from_dir(pc.tokenizer)
     out = Path(pc.out)
     if pc.train.resume and (out / "tokenizer.json").is_file():
         return Tokenizer.from_dir(out)
     if rank == 0:
-        from llmkit.data.tokenizer_train import train_tokenizer
-
         print(f"training a {'character' if pc.char else f'{pc.vocab_size}-token BPE'} tokenizer on the data",
               file=sys.stderr)
         train_tokenizer(pc.data, pc.vocab_size, out, char=pc.char, text_field=pc.text_field)
@@ -251,8 +230,6 @@ def pretrain(pc: PretrainConfig) -> dict:
     tc.out = pc.out
     check_config(pc)
     if not tc.resume and (Path(pc.out) / "checkpoints").is_dir():
-        from llmkit.train.loop import find_checkpoint
-
         if find_checkpoint(pc.out) is not None:  # checked before the tokenizer is (re)written into out
             raise ValueError(f"{pc.out} already holds checkpoints: pass --resume to continue, or a new --out")
     rank, world, device = setup_distributed(tc.device)
@@ -297,8 +274,6 @@ def pretrain(pc: PretrainConfig) -> dict:
         tc.max_steps = math.ceil(pc.max_tokens / (pc.batch_size * block * tc.grad_accum * world))
 
     # ---- train
-    from llmkit.model.checkpoint import save_model
-
     prompt = [int(t) for t in val_tokens[:min(16, block // 2)]]
     sample_fn = None
     if not mlm and pc.sample_tokens:

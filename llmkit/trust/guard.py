@@ -1,5 +1,6 @@
 """The guard: a content policy from YAML, actions on text (refuse, redact, mask, hash, flag), a streaming output
-guard, the server's per-request guard, and measuring a policy. PII recognisers and normalised matching: llmkit.trust.pii.
+guard, the server's per-request guard, and measuring a policy. PII recognisers and normalised matching:
+llmkit.trust.pii.
 
 A Guard checks inputs whole and outputs as a stream: StreamGuard holds back the last `holdback` characters (and any
 match still growing) the way the engine holds back a possible stop string, so a blocked phrase is never sent in part.
@@ -233,7 +234,7 @@ class Guard:
         return sorted(out, key=lambda f: (f.start, -f.end))
 
     def _classify(self, c: Category, text: str) -> float:
-        from llmkit.train.finetune import predict_proba
+        from llmkit.infer.classify import predict_proba  # torch: a guard without classifiers never loads it
 
         model, tok, names = self._classifiers[c.name]
         probs = predict_proba(model, tok, [text], max_length=min(512, model.config.max_position_embeddings))[0]
@@ -307,7 +308,7 @@ class Guard:
 
 
 def _load_classifier(folder: str):
-    from llmkit.model.checkpoint import load_model
+    from llmkit.model.checkpoint import load_model  # torch: as in Guard._classify
 
     lm = load_model(folder, dtype="float32")
     n = lm.config.num_labels

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmkit.compress import prune as P
+from llmkit.compress import sparsity as S
 from llmkit.model.checkpoint import load_model, save_model
 from llmkit.cli import main
 from llmkit.model.config import preset
@@ -70,7 +71,7 @@ def samples(n=8, T=32):
 def test_nm_mask_keeps_exactly_n_of_every_group(rows, groups, m, data):
     n = data.draw(st.integers(1, m - 1))
     score = torch.randn(rows, groups * m, generator=torch.Generator().manual_seed(rows * 31 + groups))
-    mask = P.keep_mask(score, 0.0, (n, m), per_row=False)
+    mask = S.keep_mask(score, 0.0, (n, m), per_row=False)
     g = mask.reshape(rows, groups, m)
     assert (g.sum(-1) == n).all()
     # the kept ones are the largest of their group
@@ -82,7 +83,7 @@ def test_nm_mask_keeps_exactly_n_of_every_group(rows, groups, m, data):
 @given(rows=st.integers(1, 12), cols=st.integers(1, 40), sparsity=st.floats(0.01, 0.99), per_row=st.booleans())
 def test_unstructured_mask_drops_exactly_round_sparsity_times_size(rows, cols, sparsity, per_row):
     score = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + 100 * cols))
-    mask = P.keep_mask(score, sparsity, None, per_row=per_row)
+    mask = S.keep_mask(score, sparsity, None, per_row=per_row)
     if per_row:
         assert ((~mask).sum(1) == round(sparsity * cols)).all()
     else:
@@ -95,10 +96,10 @@ def test_unstructured_mask_drops_exactly_round_sparsity_times_size(rows, cols, s
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
 def test_every_matrix_has_the_exact_sparsity(method, pattern):
     model = tiny("llama-tiny")
-    nm = P.parse_pattern(pattern)
+    nm = S.parse_pattern(pattern)
     embed = model.embed_tokens.weight.clone()
-    P.prune_unstructured(model, method, 0.6, nm, samples(), progress=False)
-    for name, lin in P.block_linears(model):
+    S.prune_unstructured(model, method, 0.6, nm, samples(), progress=False)
+    for name, lin in S.block_linears(model):
         w = lin.weight
         if nm is None:
             if method == "wanda":  # compared per output row
@@ -121,9 +122,9 @@ def test_wanda_scores_weights_by_input_norms_of_the_calibration_text():
     score = w.abs() * norm[None]
     expected = torch.ones_like(w, dtype=torch.bool)
     expected.scatter_(1, score.argsort(1)[:, :32], False)  # 50 % of 64 inputs per row
-    P.prune_unstructured(model, "wanda", 0.5, None, ids, progress=False)
+    S.prune_unstructured(model, "wanda", 0.5, None, ids, progress=False)
     assert torch.equal(model.layers[0].self_attn.q_proj.weight != 0, expected)
-    assert not torch.equal(expected, P.keep_mask(w.abs(), 0.5, None, per_row=True))  # differs from magnitude
+    assert not torch.equal(expected, S.keep_mask(w.abs(), 0.5, None, per_row=True))  # differs from magnitude
 
 
 def test_sparsegpt_reconstructs_a_layer_better_than_wanda_and_magnitude():
@@ -135,10 +136,10 @@ def test_sparsegpt_reconstructs_a_layer_better_than_wanda_and_magnitude():
     H = 2 * X.T @ X / len(X)
     err = lambda M: float((X @ (W - M).T).pow(2).sum())  # noqa: E731  the layer's output error
     for nm in (None, (2, 4)):
-        out = P.sparsegpt_prune(W, H, 0.5, nm)
+        out = S.sparsegpt_prune(W, H, 0.5, nm)
         assert int((out == 0).sum()) == W.numel() // 2
-        wanda = W * P.keep_mask(W.abs() * X.pow(2).sum(0).sqrt(), 0.5, nm, per_row=True)
-        magnitude = W * P.keep_mask(W.abs(), 0.5, nm, per_row=False)
+        wanda = W * S.keep_mask(W.abs() * X.pow(2).sum(0).sqrt(), 0.5, nm, per_row=True)
+        magnitude = W * S.keep_mask(W.abs(), 0.5, nm, per_row=False)
         assert err(out) < err(W * (out != 0))  # the OBS update lowers the error of its own mask
         assert err(out) < err(wanda) < err(magnitude)
 
@@ -193,14 +194,14 @@ def test_prune_command_writes_model_config_and_report(llama_dir, tmp_path, capsy
                "--calib-data", str(CALIB), "--calib-samples", "4", "--calib-seq-len", "32", *REPORT])
     assert rc == 0
     lm = load_model(out)
-    for _, lin in P.block_linears(lm.model):
+    for _, lin in S.block_linears(lm.model):
         assert ((lin.weight.reshape(lin.weight.shape[0], -1, 4) != 0).sum(-1) == 2).all()
     info = json.loads((out / "prune_config.json").read_text())
     assert info["method"] == "wanda" and info["sparsity"] == 0.5 and info["calib_samples"] == 4
     rep = json.loads((out / "compress_report.json").read_text())
     before, after = rep["rows"]
     assert before["params"] == after["params"]
-    linear = sum(lin.weight.numel() for _, lin in P.block_linears(lm.model))
+    linear = sum(lin.weight.numel() for _, lin in S.block_linears(lm.model))
     assert before["nonzero_params"] - after["nonzero_params"] == linear // 2
     assert abs(after["file_mb"] - before["file_mb"]) < 0.01  # stored plainly: the dense bytes
     assert after["wikitext_ppl"] > 1 and 0 <= after["hellaswag_acc_norm"] <= 1 and after["decode_tok_s"] > 0
@@ -244,7 +245,7 @@ def test_recovery_keeps_pruned_weights_at_zero(llama_dir, tmp_path):
                "--recover-lr", "1e-2", "--no-report", "--no-progress"])
     assert rc == 0
     pruned, base = load_model(out).model, load_model(llama_dir).model
-    for (name, lin), (_, ref) in zip(P.block_linears(pruned), P.block_linears(base)):
+    for (name, lin), (_, ref) in zip(S.block_linears(pruned), S.block_linears(base)):
         assert int((lin.weight == 0).sum()) == lin.weight.numel() // 2, name
     # the recovery trained: the norms (never pruned) moved
     assert not torch.allclose(pruned.layers[0].input_layernorm.weight, base.layers[0].input_layernorm.weight)

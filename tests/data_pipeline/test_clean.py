@@ -155,7 +155,7 @@ def test_pretrain_clean_flag_cleans_the_data_first(tmp_path):
 
 def test_finetune_clean_flag_cleans_chat_records(tmp_path):
     from llmkit.cli import build_parser
-    from llmkit.cli.trust import clean_finetune_data
+    from llmkit.cli.train import clean_finetune_data
 
     recs = [{"messages": [{"role": "user", "content": "My mail is bob@example.com"},
                           {"role": "assistant", "content": "Noted,   thanks."}]}] * 2

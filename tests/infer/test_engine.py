@@ -349,11 +349,12 @@ def test_chat_command_interrupted_replies_free_their_blocks(tok, monkeypatch):
     from types import SimpleNamespace
 
     from llmkit import cli
+    from llmkit.cli import common
 
     lm = SimpleNamespace(model=random_model(tok.vocab_size), tokenizer=tok, generation_config={}, path="tiny")
-    monkeypatch.setattr(cli, "_load", lambda args, check=None: lm)
-    engines, make_engine = [], cli._engine
-    monkeypatch.setattr(cli, "_engine", lambda *a, **k: engines.append(make_engine(*a, **k)) or engines[-1])
+    monkeypatch.setattr(common, "load", lambda args, check=None: lm)
+    engines, make_engine = [], common.engine
+    monkeypatch.setattr(common, "engine", lambda *a, **k: engines.append(make_engine(*a, **k)) or engines[-1])
     reserved_at_prompt, lines = [], iter(["one", "two", "three", "four"])
 
     def read_line(prompt=""):

@@ -133,7 +133,7 @@ def test_model_files_get_the_mode_the_umask_gives(tmp_path, mask):
     import os
     import stat
 
-    from llmkit.eval.evaluate import write_results
+    from llmkit.utils.io import write_results
     from llmkit.data.tokenizer_train import train_tokenizer
 
     old = os.umask(mask)

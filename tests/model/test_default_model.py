@@ -21,11 +21,15 @@ def test_gguf_logits_match_transformers_gguf_loader(default_lm):
     with torch.inference_mode():
         ours, ref = lm.model(ids), hf(ids).logits
     assert (ours - ref).abs().max() <= 1e-4
-    # the cached bf16 folder (what --model default loads) agrees up to bf16 rounding of the weights
+    # --model default --dtype float32 (the int4/int8 load dequantized) is the same GGUF, exactly
     with torch.inference_mode():
         cached = default_lm.model(ids)
-    assert torch.equal(cached[0, -1].argmax(), ref[0, -1].argmax())
-    assert (cached - ref).abs().max() < 1.0
+    assert (cached - ref).abs().max() <= 1e-4
+    # the cached bf16 folder (--dtype bfloat16) agrees up to bf16 rounding of the weights
+    with torch.inference_mode():
+        bf16 = load_model("default", dtype="bfloat16").model(ids)
+    assert torch.equal(bf16[0, -1].argmax(), ref[0, -1].argmax())
+    assert (bf16 - ref).abs().max() < 1.0
 
 
 def test_default_folder_is_a_bf16_hf_folder():

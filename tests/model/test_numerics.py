@@ -11,7 +11,8 @@ from llmkit.model import quant as Q
 from llmkit.model.checkpoint import default_gguf_path, load_model
 from llmkit.model.config import preset
 from llmkit.infer.engine import Engine, SamplingParams
-from llmkit.model.transformer import HEAD_MARGIN, Transformer, head_logits
+from llmkit.model.logits import HEAD_MARGIN, head_logits
+from llmkit.model.transformer import Transformer
 
 DATA = Path(__file__).parents[1] / "data"
 KERNEL_INPUTS = [torch.float32, torch.bfloat16]

@@ -14,6 +14,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from llmkit.model import auto_dtype
 from llmkit.model import quant as Q
+from llmkit.model import quant_io as QIO
 from llmkit.model.checkpoint import default_gguf_path, load_gguf, load_model
 from llmkit.cli import main
 from llmkit.model.config import preset
@@ -56,8 +57,8 @@ def test_gguf_blocks_load_as_gguf_dequantizes_them(kind, kernel_input):
     qtype = gguf.GGMLQuantizationType[kind]
     raw = gguf_quantize(w, qtype)
     ref = torch.from_numpy(dequantize(raw, qtype).reshape(48, 128).astype(np.float32))
-    method, tensors = Q.from_gguf_blocks(kind, raw, (48, 128))
-    layer = Q.make_layer(method, tensors, Q.group_size_of(tensors))
+    method, tensors = QIO.from_gguf_blocks(kind, raw, (48, 128))
+    layer = Q.make_layer(method, tensors, QIO.group_size_of(tensors))
     layer.set_act_dtype(kernel_input)
     # the stored numbers, whatever the kernel reads: Q8_0 keeps its block scales, Q4 its float32 scales and zeros
     # (Q4_1's zero m + 8d is one float32 rounding away from gguf's d q + m)
@@ -76,8 +77,8 @@ def test_default_model_q4_1_tensor_equals_gguf_dequantization(kernel_input):
     assert t.tensor_type.name == "Q4_1"
     shape = tuple(int(x) for x in reversed(t.shape))
     ref = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32))
-    method, tensors = Q.from_gguf_blocks("Q4_1", t.data, shape)
-    assert method == "int4" and Q.group_size_of(tensors) == 32
+    method, tensors = QIO.from_gguf_blocks("Q4_1", t.data, shape)
+    assert method == "int4" and QIO.group_size_of(tensors) == 32
     layer = Q.make_layer(method, tensors, 32)
     layer.set_act_dtype(kernel_input)
     assert torch.allclose(layer.dequantize(), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
@@ -388,7 +389,7 @@ def test_quantized_layers_on_a_gpu_are_a_one_line_error(tiny, tmp_path, capsys, 
     capsys.readouterr()
     calls = []
     monkeypatch.setattr("llmkit.model.checkpoint._read_safetensors", lambda p: calls.append(p) or {})
-    monkeypatch.setattr("llmkit.model.checkpoint.read_gguf", lambda p: calls.append(p))
+    monkeypatch.setattr("llmkit.model.gguf.read_gguf", lambda p: calls.append(p))
     for device in ("cuda", "cuda:1", "meta"):
         for spec, dtype in ((tiny, "int4"), (tiny, "int8"), (qdir, None), (gguf_path, "int4"), ("default", "int4")):
             with pytest.raises(ValueError) as e:
@@ -409,6 +410,22 @@ def test_quantized_layers_on_a_gpu_are_a_one_line_error(tiny, tmp_path, capsys, 
     m = load_model(qdir, dtype="float32", device="meta").model  # a float load of a quantized folder: allowed
     assert not Q.is_quantized(m) and next(m.parameters()).device.type == "meta"
 
-    monkeypatch.setattr("llmkit.cli._device", lambda args: "cuda")  # what a GPU machine's CLI would pass
+    monkeypatch.setattr("llmkit.cli.common.device", lambda args: "cuda")  # what a GPU machine's CLI would pass
     r = _Run(capsys, ["generate", "hi", "--model", tiny, "--dtype", "int4", "--max-new-tokens", "2"])
     _one_line_error(r, "int4/int8 on cuda is not tested yet; use --dtype bfloat16 on GPUs")
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_nan_or_inf_weights_are_refused_with_the_tensors_name(method):
+    """Issue 27: one NaN made its whole int8 row / int4 group NaN, silently."""
+    torch.manual_seed(0)
+    for bad in (float("nan"), float("inf")):
+        model = Transformer(preset("llama-tiny")).eval()
+        with torch.no_grad():
+            model.layers[1].mlp.down_proj.weight[3, 5] = bad
+        with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj\.weight holds 1 NaN/infinite values "
+                                             r"\(first in row 3\)"):
+            Q.quantize_model(model, method, 32)
+        assert not Q.is_quantized(model)  # refused before anything was replaced
+    with pytest.raises(ValueError, match="NaN/infinite"):
+        Q.Int8Linear.from_float(torch.tensor([[1.0, float("nan")]]))

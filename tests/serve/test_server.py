@@ -224,7 +224,8 @@ def test_api_key_body_limit_and_health(tiny, monkeypatch):
 
 
 def test_serve_command_parses_models_and_flags():
-    from llmkit.cli import build_parser, serve_config
+    from llmkit.cli import build_parser
+    from llmkit.cli.serve import serve_config
 
     args = build_parser().parse_args(["serve", "--model", "a=/x/a", "--model", "/y/b", "--port", "0",
                                       "--max-batch", "4", "--api-key", "k"])

@@ -11,7 +11,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from llmkit.model.checkpoint import load_model, save_model
 from llmkit.cli import main
 from llmkit.model.config import preset
-from llmkit.train.finetune import IGNORE, alpaca_to_messages, assistant_mask, encode_chat
+from llmkit.data.corpus import IGNORE
+from llmkit.data.sft import alpaca_to_messages, assistant_mask, encode_chat
 from llmkit.model.transformer import Transformer
 from llmkit.model.tokenizer import Tokenizer
 

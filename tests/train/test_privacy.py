@@ -62,7 +62,7 @@ def _per_sample(model, batch, loss_fn, force_functorch):
 
 @pytest.mark.parametrize("classify", [True, False], ids=["classify", "clm"])
 def test_per_sample_gradients_match_functorch_and_a_per_example_loop(classify):
-    loss_fn = privacy.classify_loss if classify else privacy.clm_loss
+    loss_fn = privacy.per_example_classify_loss if classify else privacy.per_example_clm_loss
     batch = _batch(classify)
     plain = _lora_model(classify)
     with torch.no_grad():

@@ -18,7 +18,7 @@ from llmkit.cli import main
 from llmkit.model.config import preset
 from llmkit.data.corpus import BlockLoader
 from llmkit.model.transformer import Transformer
-from llmkit.train.pretrain import clm_loss
+from llmkit.train.losses import clm_loss
 from llmkit.train.loop import TrainConfig, lr_at, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parents[2]

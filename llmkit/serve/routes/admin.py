@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from llmkit.serve.protocol import DetokenizeRequest, TokenizeRequest
+from llmkit.serve.protocol import ChatRequest, DetokenizeRequest, TokenizeRequest
 from llmkit.serve.routes.chat import chat_prompt
 from llmkit.serve.metrics import render
 from llmkit.serve.state import APIError, authorize, state_of
@@ -29,8 +29,6 @@ async def models(request: Request, key=Depends(authorize)):
 async def tokenize(req: TokenizeRequest, request: Request, key=Depends(authorize)):
     m = state_of(request).model(req.model)
     if req.messages is not None:
-        from llmkit.serve.protocol import ChatRequest
-
         ids = await run_in_threadpool(chat_prompt, m, ChatRequest(messages=req.messages))
     else:
         ids = await run_in_threadpool(m.engine.tok.encode, req.prompt, req.add_special_tokens)
