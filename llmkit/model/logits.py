@@ -53,14 +53,16 @@ def _exact_head(rows_of, bias, x, n_out, block: int = 4096) -> torch.Tensor:
 
 
 def _row_norms(head, rows_of, device) -> torch.Tensor:
-    """2^-8 ||w_n||_2 of every output row, computed once per head (kept on the module, not in its state)."""
-    norms = head.__dict__.get("_row_norms")
-    if norms is None:
+    """2^-8 ||w_n||_2 of every output row, computed once per head and weight version (kept on the module, not in its
+    state; a dense head trained since is measured again)."""
+    version = getattr(getattr(head, "weight", None), "_version", None)
+    cached = head.__dict__.get("_row_norms")
+    if cached is None or cached[0] != version:
         n = head.out_features
         norms = torch.cat([rows_of(torch.arange(s, min(s + 4096, n), device=device)).norm(dim=1)
                            for s in range(0, n, 4096)]) * ROUNDING
-        head.__dict__["_row_norms"] = norms
-    return norms
+        cached = head.__dict__["_row_norms"] = (version, norms)
+    return cached[1]
 
 
 def _refine(y, x, rows_of, head):

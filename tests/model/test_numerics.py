@@ -287,3 +287,19 @@ def test_a_disturbed_timing_is_not_cached(tiny_q4_gguf, tmp_path, monkeypatch):
 def test_a_noisy_timing_is_disturbed():
     assert auto_dtype._noisy({"int4/bfloat16": (1.0, 2.0, 0.1)})
     assert auto_dtype._noisy({"int4/bfloat16": (1.0, 1.2, 0.1)}) is None
+
+
+def test_a_dense_head_changed_after_its_first_logits_is_measured_again():
+    """The bound's row norms are cached per weight version: a bf16 head trained (changed in place) after decoding
+    still gets exact top logits."""
+    m = _tiny().to(torch.bfloat16)
+    x = torch.randn(1, m.config.n_embd) * 3
+    with torch.inference_mode():
+        m.logits(x)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(3)  # a training step in place: larger rows, so the old norms would bound too little
+    with torch.inference_mode():
+        y = m.logits(x)
+    ref = x @ m.lm_head.weight.float().T
+    near = ref >= ref.amax(1, keepdim=True) - HEAD_MARGIN + 0.5
+    assert torch.allclose(y[near], ref[near], rtol=1e-5, atol=1e-5) and torch.equal(y.argmax(1), ref.argmax(1))
