@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+import torch
+
 from llmkit.data.sft import TASKS, build_examples, detect_task, read_task_data, split_train_val
 from llmkit.model import lora as lora_lib
 from llmkit.model.checkpoint import load_model
@@ -61,6 +63,8 @@ def prepare(fc: FinetuneConfig):
         print(f"truncated {cut} example(s) longer than --max-length {fc.max_length} tokens", file=sys.stderr)
     model = lm.model
     extra = ()
+    # the new head and adapters draw from torch's global generator: seeded, so --seed gives the same start every run
+    torch.manual_seed(fc.seed)
     if task == "classify":
         lora_lib.add_classifier(model, id2label)
         extra = ("score",)
