@@ -278,9 +278,13 @@ def test_a_disturbed_timing_is_not_cached(tiny_q4_gguf, tmp_path, monkeypatch):
     entry = auto_dtype.cached(tiny_q4_gguf, tiny_q4_gguf, "cpu")
     assert "choice" not in entry and "above the" in entry["disturbed"] and entry["probe"]
     monkeypatch.setattr(auto_dtype, "_load_avg", lambda: 0.0)
-    monkeypatch.setattr(auto_dtype, "time_decode_step", lambda m, *a, **k: (2.0, 2.0, 0.2))
     monkeypatch.setattr(auto_dtype, "top1", lambda *a: (_ for _ in ()).throw(AssertionError("probed again")))
-    load_model(tiny_q4_gguf, dtype="auto")  # quiet now: timed and cached, the probe's figures reused
+    lm = load_model(tiny_q4_gguf, dtype="auto")  # within the back-off: the shipped format again, untimed
+    assert Q.is_quantized(lm.model) and "choice" not in auto_dtype.cached(tiny_q4_gguf, tiny_q4_gguf, "cpu")
+    real_time = auto_dtype.time.time
+    monkeypatch.setattr(auto_dtype.time, "time", lambda: real_time() + auto_dtype.RETRY_AFTER_S + 1)
+    monkeypatch.setattr(auto_dtype, "time_decode_step", lambda m, *a, **k: (2.0, 2.0, 0.2))
+    load_model(tiny_q4_gguf, dtype="auto")  # later and quiet: timed and cached, the probe's figures reused
     assert auto_dtype.cached(tiny_q4_gguf, tiny_q4_gguf, "cpu")["choice"] == "int4"
 
 
