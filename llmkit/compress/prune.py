@@ -49,7 +49,7 @@ def importance(model: Transformer, samples: torch.Tensor, batch_size: int = 8) -
     channels = torch.zeros(L, cfg.intermediate_size)
     influence = torch.zeros(L)
     n_tok = 0
-    xs, (rope, mask) = block_inputs(model, samples, batch_size)
+    xs, args = block_inputs(model, samples, batch_size)
     for i, layer in enumerate(model.layers):
         def record(name, x, i=i):
             x = x.float()
@@ -60,7 +60,7 @@ def importance(model: Transformer, samples: torch.Tensor, batch_size: int = 8) -
 
         taps = Taps(layer, ["self_attn.o_proj", "mlp.down_proj"], record)
         try:
-            outs = [layer(x, rope, mask, None, None) for x in xs]
+            outs = [layer(x, rope, mask, None, None) for x, (rope, mask) in zip(xs, args)]
         finally:
             taps.close()
         for x, y in zip(xs, outs):

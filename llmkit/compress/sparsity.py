@@ -119,13 +119,15 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def block_inputs(model: Transformer, samples: torch.Tensor, batch_size: int = 8) -> tuple[list, tuple]:
-    """The hidden states entering block 0 for each batch of samples, and the (rope, mask) the blocks receive."""
+def block_inputs(model: Transformer, samples: torch.Tensor, batch_size: int = 8) -> tuple[list, list]:
+    """The hidden states entering block 0 for each batch of samples, and each batch's (rope, mask) the blocks
+    receive: rope's cos/sin are (batch, 1, T, dim), so the last batch (shorter when batch_size does not divide the
+    sample count) needs its own."""
     captured, extra = [], []
 
     def grab(_module, args):
         captured.append(args[0])
-        extra[:] = [args[1], args[2]]
+        extra.append((args[1], args[2]))
         raise _Stop
 
     handle = model.layers[0].register_forward_pre_hook(grab)
@@ -137,7 +139,7 @@ def block_inputs(model: Transformer, samples: torch.Tensor, batch_size: int = 8)
                 pass
     finally:
         handle.remove()
-    return captured, tuple(extra)
+    return captured, extra
 
 
 class _TapLinear(nn.Linear):
@@ -148,21 +150,30 @@ class _TapLinear(nn.Linear):
 
 
 class Taps:
-    """Forward hooks on a block's linears, handing each one's input (tokens, in_features) to a callback."""
+    """Forward hooks on a block's linears, handing each one's input (tokens, in_features) to a callback.
+
+    A plain nn.Linear becomes a _TapLinear while tapped (the model calls any other class, a LoRALinear or another
+    subclass, through nn.Module already, so it keeps its class and its forward); close() gives each its own class back.
+    """
 
     def __init__(self, layer: nn.Module, names, fn):
         self.mods = {n: layer.get_submodule(n) for n in names}
+        self.classes = {n: type(m) for n, m in self.mods.items()}
         self.handles = []
         for n, m in self.mods.items():
-            m.__class__ = _TapLinear
-            hook = lambda mod, a, out, n=n: fn(n, a[0].reshape(-1, a[0].shape[-1]))  # noqa: E731
+            if type(m) is nn.Linear:
+                m.__class__ = _TapLinear
+
+            def hook(mod, a, out, n=n):  # returns None: what fn returns never replaces the layer's output
+                fn(n, a[0].reshape(-1, a[0].shape[-1]))
+
             self.handles.append(m.register_forward_hook(hook))
 
     def close(self):
         for h in self.handles:
             h.remove()
-        for m in self.mods.values():
-            m.__class__ = nn.Linear
+        for n, m in self.mods.items():
+            m.__class__ = self.classes[n]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,7 +250,7 @@ def prune_unstructured(model: Transformer, method: str, sparsity: float, nm: tup
         return sparsity_of(model)
     if samples is None:
         raise ValueError(f"--method {method} needs calibration text: pass --calib-data FILE")
-    xs, (rope, mask) = block_inputs(model, samples, batch_size)
+    xs, args = block_inputs(model, samples, batch_size)
     for i, layer in enumerate(tqdm(model.layers, desc=f"{method} pruning", disable=not progress, file=sys.stderr)):
         names = [n for n in LINEARS if _has(layer, n)]
         stats: dict[str, torch.Tensor] = {}
@@ -255,7 +266,7 @@ def prune_unstructured(model: Transformer, method: str, sparsity: float, nm: tup
 
         taps = Taps(layer, names, record)
         try:
-            for x in xs:
+            for x, (rope, mask) in zip(xs, args):
                 layer(x, rope, mask, None, None)
         finally:
             taps.close()
@@ -267,7 +278,8 @@ def prune_unstructured(model: Transformer, method: str, sparsity: float, nm: tup
             else:
                 H = 2 * stats[name] / counts[name]
                 lin.weight.copy_(sparsegpt_prune(lin.weight, H, sparsity, nm))
-        xs = [layer(x, rope, mask, None, None) for x in xs]  # the pruned block's outputs feed the next block
+        # the pruned block's outputs feed the next block
+        xs = [layer(x, rope, mask, None, None) for x, (rope, mask) in zip(xs, args)]
     return sparsity_of(model)
 
 

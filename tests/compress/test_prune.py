@@ -144,6 +144,75 @@ def test_sparsegpt_reconstructs_a_layer_better_than_wanda_and_magnitude():
         assert err(out) < err(wanda) < err(magnitude)
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "structured"])
+def test_calibration_works_for_every_remainder_of_samples_by_batch_size(method):
+    """Each batch keeps its own rope/mask: n samples in batches of 8 (a shorter last batch for most n) give what one
+    batch of n gives (issue 27: the last batch's rope was reused for every batch, a size mismatch)."""
+    for n in range(1, 18):
+        ids = samples(n, 16)
+        if method == "structured":
+            got, ref = P.importance(tiny("llama-tiny"), ids, 8), P.importance(tiny("llama-tiny"), ids, n)
+            for key in ref:
+                torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5, msg=f"{key}, n={n}")
+            continue
+        got, ref = tiny("llama-tiny"), tiny("llama-tiny")
+        S.prune_unstructured(got, method, 0.5, None, ids, batch_size=8, progress=False)
+        S.prune_unstructured(ref, method, 0.5, None, ids, batch_size=n, progress=False)
+        for (name, a), (_, b) in zip(S.block_linears(got), S.block_linears(ref)):
+            assert torch.equal(a.weight != 0, b.weight != 0), f"{name}, n={n}"
+            torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5, msg=f"{name}, n={n}")
+
+
+@pytest.mark.parametrize("method,text_tokens", [("wanda", None), ("sparsegpt", 11 * 32 + 5)])
+def test_prune_command_with_a_partial_last_calibration_batch(method, text_tokens, tmp_path, capsys):
+    """The issue's command (10 samples of 32 tokens: batches of 8 and 2), and a text too short for the 10 asked
+    (11 windows of 32 tokens asked 20: batches of 8 and 3), on a tiny model folder."""
+    from helpers import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m")
+    calib = CALIB
+    if text_tokens:
+        tok = load_model(model).tokenizer
+        calib = tmp_path / "short.txt"
+        calib.write_text(tok.decode(tok.encode(CALIB.read_text(), add_special_tokens=False)[:text_tokens]))
+    rc = main(["prune", "--model", str(model), "--method", method, "--sparsity", "0.5", "--calib-data", str(calib),
+               "--calib-samples", "20" if text_tokens else "10", "--calib-seq-len", "32", "--no-report",
+               "--no-progress", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    info = json.loads((tmp_path / "out" / "prune_config.json").read_text())
+    assert rc == 0 and info["calib_samples"] == (11 if text_tokens else 10), err
+
+
+def test_taps_give_every_module_its_own_class_back():
+    """A tapped subclass of nn.Linear (a LoRALinear, say) keeps its forward while tapped and its class afterwards."""
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = tiny("llama-tiny")
+    layer = model.layers[0]
+    old = layer.mlp.down_proj
+    layer.mlp.down_proj = Doubled(old.in_features, old.out_features, bias=False)
+    layer.mlp.down_proj.load_state_dict(old.state_dict())
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = layer.mlp(x)
+        seen = {}
+        taps = S.Taps(layer, ["self_attn.o_proj", "mlp.down_proj"], lambda n, a: seen.__setitem__(n, a.shape))
+        try:
+            torch.testing.assert_close(layer.mlp(x), ref)
+            layer(x, None, None, None, None)
+        finally:
+            taps.close()
+        assert seen == {"self_attn.o_proj": (10, 64), "mlp.down_proj": (10, 128)}
+        assert type(layer.mlp.down_proj) is Doubled and type(layer.self_attn.o_proj) is torch.nn.Linear
+        taps = S.Taps(layer, ["mlp.down_proj"], lambda n, a: a)  # a callback's return value is not the output
+        try:
+            torch.testing.assert_close(layer.mlp(x), ref)
+        finally:
+            taps.close()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # structured
 
