@@ -214,11 +214,14 @@ class Cleaner:
                 raise ValueError(f"--lang {','.join(unknown)}: not a language py3langid knows (ISO 639-1 codes)")
         if cfg.pii:
             self.guard = Guard(Policy(pii_mode=cfg.pii, pii_input="redact"))
+        self.redactor = self.guard  # the report's examples are redacted too: a report holds no PII the run removed
 
     def _drop(self, rule: str, text: str) -> None:
         self.removed[rule] += 1
         ex = self.examples.setdefault(rule, [])
         if len(ex) < 3:
+            if self.redactor is not None:  # before cutting, so no half of a value is left
+                text = self.redactor.redact(text, self.redactor.scan(text, classify=False))
             ex.append(text[:300])
         return None
 
@@ -338,13 +341,13 @@ def clean_files(inputs, out, cfg: CleanConfig, text_field: str = "text", unit: s
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             for p in inputs:
-                for doc in iter_documents(p, text_field, unit):
+                for doc, rec in _documents(p, text_field, unit, iter_documents):
                     kept = cleaner(doc)
                     bar.update(len(doc.encode()) + 1)
                     if kept is None:
                         continue
-                    if jsonl:
-                        f.write(json.dumps({text_field: kept}, ensure_ascii=False) + "\n")
+                    if jsonl:  # a JSONL record keeps its other fields (id, url, source, ...)
+                        f.write(json.dumps({**(rec or {}), text_field: kept}, ensure_ascii=False) + "\n")
                     else:  # one document per line: newlines inside a document become spaces
                         f.write((kept.replace("\n", " ") if unit == "line" else kept) + sep)
         if cleaner.n_in == n0:
@@ -361,6 +364,29 @@ def clean_files(inputs, out, cfg: CleanConfig, text_field: str = "text", unit: s
     if report_path:
         write_results(report_path, report)
     return report
+
+
+def _documents(path: Path, text_field: str, unit: str, iter_documents):
+    """(text, the whole record) for each record of a .jsonl file, (text, None) for each document of other formats."""
+    import json
+
+    if path.suffix.lower() != ".jsonl":
+        yield from ((d, None) for d in iter_documents(path, text_field, unit))
+        return
+    from llmkit.data.corpus import _strict_lines
+
+    with open(path, encoding="utf-8", newline="") as f:
+        for n, line in enumerate(_strict_lines(f, path), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(r, dict) or text_field not in r:
+                raise ValueError(f"{path}:{n}: record has no {text_field!r} field; pass --text-field")
+            if r[text_field]:
+                yield str(r[text_field]), r
 
 
 def clean_for_training(files, out_dir, cfg: CleanConfig, text_field: str = "text", unit: str = "doc") -> list[str]:
@@ -407,6 +433,7 @@ def clean_records(records: list[dict], cfg: CleanConfig) -> tuple[list[dict], di
     keep_keys = {"role", "label", "labels", "class", "category", "sentiment", "name", "type"}
     c = Cleaner(CleanConfig(**{**asdict(cfg), "pii": None}))  # decide on the joined text, redact per field below
     guard = Cleaner(CleanConfig(dedup=[], pii=cfg.pii)).guard if cfg.pii else None
+    c.redactor = guard
     out = []
     for rec in records:
         rec = copy.deepcopy(rec)

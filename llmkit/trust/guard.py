@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmkit.trust.measure import evaluate_guard, read_labeled  # noqa: F401
 from llmkit.trust.pii import (IBAN_LENGTHS, PII_TYPES, Finding, TermMatcher, card_brand, email_ok, find_pii,  # noqa: F401
                         iban_ok, luhn_ok, normalise, resolve_overlaps, ssn_ok)
 
@@ -207,6 +208,10 @@ class Guard:
         self.terms = TermMatcher(self.policy.terms)
         self.key = hash_key if hash_key is not None else os.urandom(16)  # hashes are consistent within a run
         self.counts: Counter = Counter()
+        # the stream guard's holdback in normalised characters: the longest match a block/allow list or term can
+        # make (a regex without a bound, `\s+`, is covered up to holdback characters)
+        widths = [self.terms.longest] + [m.longest for c in self.policy.categories for m in (c.matcher, c.allow)]
+        self.reach = max([self.policy.holdback] + [w for w in widths if w is not None])
         self._classifiers = {}
         for c in self.policy.categories:
             if c.classifier:
@@ -294,17 +299,84 @@ class Guard:
         return StreamGuard(self)
 
     def check_messages(self, messages: list[dict]) -> tuple[list[dict], Verdict | None]:
-        """Messages with user/system content checked as input: (redacted messages, the refusing Verdict or None)."""
+        """Every message checked as input, whatever its role (a client writes the whole conversation, "assistant"
+        turns included): content (a string or text parts), name, tool calls (function name and arguments, read as
+        JSON) and tool results. Returns (redacted messages, the refusing Verdict or None)."""
         out = []
         for m in messages:
-            content = m.get("content")
-            if m.get("role") != "assistant" and isinstance(content, str) and content:
-                v = self.check(content, "input")
-                if v.refused:
-                    return messages, v
-                m = {**m, "content": v.text}
+            m, refused = self.check_tree(m)
+            if refused is not None:
+                return messages, refused
             out.append(m)
         return out, None
+
+    def check_tree(self, x, key: str | None = None, keys: bool = False):
+        """Every string in a JSON-like value (dict keys and values, lists) checked as input: (the value with each
+        string redacted, the refusing Verdict or None). Structural fields (`role`, `type`) are left alone; a
+        `content` list of text parts is also checked joined (the template joins them); `arguments` strings are
+        read as JSON (escapes decoded, keys checked too) when they parse."""
+        if isinstance(x, str):
+            if not x or key in STRUCTURAL and not keys:
+                return x, None
+            if key == "arguments":
+                return self._check_arguments(x)
+            v = self.check(x, "input")
+            return (x, v) if v.refused else (v.text, None)
+        if isinstance(x, dict):
+            out = {}
+            for k, v in x.items():
+                nk, refused = self.check_tree(k, "key") if keys and isinstance(k, str) else (k, None)
+                nv, refused2 = self.check_tree(v, k, keys) if refused is None else (v, None)
+                if refused or refused2:
+                    return x, refused or refused2
+                out[nk] = nv
+            return out, None
+        if isinstance(x, (list, tuple)):
+            if key == "content":  # text parts: a phrase split over parts is one text to the model
+                joined = "".join(p.get("text", "") for p in x if isinstance(p, dict) and isinstance(p.get("text"), str))
+                refused = self._refusal(joined)
+                if refused is not None:
+                    return x, refused
+            out = []
+            for v in x:
+                nv, refused = self.check_tree(v, None, keys)
+                if refused is not None:
+                    return x, refused
+                out.append(nv)
+            return out, None
+        return x, None
+
+    def _refusal(self, text: str) -> Verdict | None:
+        """The refusing Verdict for text, counted, or None (then nothing is counted: the parts are checked next)."""
+        if not text:
+            return None
+        findings = self.scan(text)
+        if any(self.action_for(f, "input") == "refuse" for f in findings):
+            return self._verdict(text, findings, "input")
+        return None
+
+    def _check_arguments(self, s: str):
+        """Tool-call arguments: JSON is decoded (so escapes hide nothing), checked whole for refusals and string by
+        string for redaction; text that is not JSON is checked as it is."""
+        import json
+
+        try:
+            obj = json.loads(s)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, (dict, list, str)):
+            v = self.check(s, "input")
+            return (s, v) if v.refused else (v.text, None)
+        refused = self._refusal(json.dumps(obj, ensure_ascii=False))
+        if refused is not None:
+            return s, refused
+        new, refused = self.check_tree(obj, None, True)
+        if refused is not None:
+            return s, refused
+        return (s if new == obj else json.dumps(new, ensure_ascii=False)), None
+
+
+STRUCTURAL = ("role", "type")  # values fixed by the protocol; checked no further
 
 
 def _load_classifier(folder: str):
@@ -323,7 +395,7 @@ class StreamGuard:
     """Guards an output stream: push(piece) returns the text that is safe to send now; `blocked` says stop."""
 
     def __init__(self, guard: Guard):
-        self.g, self.hold = guard, guard.policy.holdback
+        self.g, self.hold, self.reach = guard, guard.policy.holdback, guard.reach
         self.text = ""  # everything received
         self.sent = 0  # characters of self.text already decided (sent or replaced)
         self.blocked = False
@@ -338,7 +410,18 @@ class StreamGuard:
         self.text += piece
         if self.hold_all:
             return ""
-        return self._release(len(self.text) - self.hold, final=False)
+        end = len(self.text)  # held back: `hold` characters (PII) and `reach` normalised ones (block lists)
+        return self._release(min(end - self.hold, self._back(end, self.reach, self.sent)), final=False)
+
+    def _back(self, pos: int, need: int, stop: int = 0) -> int:
+        """The start of the shortest text[i:pos] with `need` normalised characters (zero-width ones count
+        nothing, so no number of them hides a match), or stop when there are fewer."""
+        i, n = pos, 0
+        while i > stop and n < need:
+            i -= 1
+            c = self.text[i]
+            n += 1 if c.isascii() else len(normalise(c)[0])
+        return i
 
     def finish(self) -> str:
         """The end of the output: check what is held back and return the rest that may be sent."""
@@ -348,7 +431,8 @@ class StreamGuard:
         return out
 
     def _release(self, upto: int, final: bool) -> str:
-        base = max(0, self.sent - self.hold)  # matches end after `sent`, so they start after sent - hold
+        # matches end after `sent`, so they start after sent - hold (PII) or reach normalised characters before it
+        base = max(0, min(self.sent - self.hold, self._back(self.sent, self.reach + 1)))
         window = self.text[base:]
         findings = [f for f in self.g.scan(window, classify=final) if base + f.end > self.sent]
         for f in findings:
@@ -464,71 +548,3 @@ def check_inputs(guard: Guard, items: list, chat: bool) -> Verdict | None:
                 return v
             items[k] = v.text
     return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Measuring a policy
-
-
-def read_labeled(path) -> list[dict]:
-    """Records {"text", "entities": [{"type", "start", "end"}]} of a JSONL file, validated line by line."""
-    import json
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    try:
-        lines = p.read_bytes().decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not isinstance(r.get("entities", []), list):
-            raise ValueError(f"{path}:{n}: need {{\"text\": str, \"entities\": [{{\"type\", \"start\", \"end\"}}]}}")
-        for e in r.get("entities", []):
-            ok = isinstance(e, dict) and isinstance(e.get("type"), str) and all(
-                isinstance(e.get(k), int) for k in ("start", "end"))
-            if not ok or not 0 <= e["start"] < e["end"] <= len(r["text"]):
-                raise ValueError(f"{path}:{n}: each entity needs a type and 0 <= start < end <= len(text)")
-        out.append({"text": r["text"], "entities": r.get("entities", [])})
-    if not out:
-        raise ValueError(f"{path} has no records")
-    return out
-
-
-def evaluate_guard(guard: Guard, records: list[dict]) -> dict:
-    """Precision, recall and F1 per type: a finding counts when a gold entity of the same type overlaps it."""
-    import time
-
-    stats: dict[str, Counter] = {}
-    t0, size = time.perf_counter(), 0
-    for r in records:
-        text, gold = r["text"], r["entities"]
-        size += len(text.encode())
-        found = guard.scan(text)
-        hit = set()
-        for f in found:
-            c = stats.setdefault(f.type, Counter())
-            match = [j for j, e in enumerate(gold) if e["type"] == f.type and e["start"] < f.end and f.start < e["end"]]
-            c["tp" if match else "fp"] += 1
-            hit.update(match)
-        for j, e in enumerate(gold):
-            if j not in hit:
-                stats.setdefault(e["type"], Counter())["fn"] += 1
-    seconds = time.perf_counter() - t0
-
-    def prf(c):
-        p = c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else 1.0
-        rec = c["tp"] / (c["tp"] + c["fn"]) if c["tp"] + c["fn"] else 1.0
-        return {"tp": c["tp"], "fp": c["fp"], "fn": c["fn"], "precision": round(p, 4), "recall": round(rec, 4),
-                "f1": round(2 * p * rec / (p + rec), 4) if p + rec else 0.0}
-
-    per_type = {t: prf(c) for t, c in sorted(stats.items())}
-    return {"n": len(records), "per_type": per_type, "micro": prf(sum(stats.values(), Counter())),
-            "mb_per_s": round(size / 1e6 / max(seconds, 1e-9), 3), "seconds": round(seconds, 3)}

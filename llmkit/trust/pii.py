@@ -2,8 +2,8 @@
 
 Recognisers: e-mail, phone (libphonenumber's validation), payment card (IIN + Luhn), IBAN (length per country +
 mod-97), IPv4/IPv6 (ipaddress), US SSN (SSA's rules), and a user list of names/terms. Block lists match on a
-normalised view of the text (NFKC, case-folded, accents, zero-width characters and separators between letters
-dropped), so `f.r.e.e`, `ｆｒｅｅ` and `fr\u200bee` all match `free`; spans always point into the original text.
+normalised view of the text (NFKC, case-folded, accents, zero-width characters and up to SEP_MAX separators between
+letters dropped), so `f.r.e.e`, `ｆｒｅｅ` and `fr\u200bee` all match `free`; spans always point into the original text.
 llmkit.trust.guard builds the guard on these.
 """
 from __future__ import annotations
@@ -35,18 +35,20 @@ class Finding:
 # PII recognisers: a candidate pattern, then a validator
 
 
-EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@"
+EMAIL = re.compile(r"(?<![\w.+-])(?<!\w')[A-Za-z0-9](?:[A-Za-z0-9._%+'-]{0,63})@"
                    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)"
                    r"+[A-Za-z]{2,63}(?![\w-])")
 CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
-IBAN = re.compile(r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![\w])")
+IBAN = re.compile(r"(?<![\w])[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]){11,30}(?![\w])")  # any case: mod-97 decides
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
 IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
 SSN = re.compile(r"(?<![\w-])(\d{3})([- ])(\d{2})\2(\d{4})(?![\w-])")
+# nine bare digits right after the word SSN / social security number (without the word they are any number)
+SSN_BARE = re.compile(r"(?i)\b(?:ssn|social security (?:number|no\.?|#))[\s:#.=-]{0,4}(\d{3})(\d{2})(\d{4})(?![\w-])")
 # a maximal run of digit groups: never part of a longer number (a card, an IBAN's BBAN)
 PHONE = re.compile(r"(?<![\w+#/.-])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d(?:[ .-]?\d){5,14}"
                    r"(?![\w/-]|[ .]\d)")
-IBAN_HEAD = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4})* ?[A-Z0-9]{0,4} $")
+IBAN_HEAD = re.compile(r"\b[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]{4})* ?[A-Za-z0-9]{0,4} $")
 _DIGIT = re.compile(r"\d")
 PHONE_CONTEXT = re.compile(r"(?i)\b(?:phone|tel|telephone|call|mobile|cell|fax|whatsapp|sms|text me|ring)\b")
 
@@ -104,6 +106,17 @@ def iban_ok(text: str) -> bool:
     return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
 
 
+def _iban_prefix(s: str) -> str | None:
+    """The start of s holding as many characters as its country's IBAN (spaces between them), or None; the
+    candidate pattern may have run on into a following word ("... 32 ok")."""
+    n, want = 0, IBAN_LENGTHS.get(s[:2].upper())
+    for i, c in enumerate(s):
+        n += c != " "
+        if n == want:
+            return s[:i + 1] if i + 1 == len(s) or s[i + 1] == " " else None
+    return None
+
+
 def ssn_ok(area: str, group: str, serial: str) -> bool:
     """SSA rules: no 000/666/9xx area, no 00 group, no 0000 serial."""
     return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
@@ -148,10 +161,15 @@ def find_pii(text: str, types=PII_TYPES, terms=None, phone_regions=("US", "GB", 
             if 13 <= len(d) <= 19 and card_brand(d) and luhn_ok(d):
                 out.append(Finding("card", m.start(), m.end(), m.group(), 1.0))
     if "iban" in types:
-        out += [Finding("iban", m.start(), m.end(), m.group(), 1.0) for m in IBAN.finditer(text) if iban_ok(m.group())]
+        for m in IBAN.finditer(text):
+            s = _iban_prefix(m.group())
+            if s and iban_ok(s):
+                out.append(Finding("iban", m.start(), m.start() + len(s), s, 1.0))
     if "ssn" in types:
         out += [Finding("ssn", m.start(), m.end(), m.group(), 0.85) for m in SSN.finditer(text)
                 if ssn_ok(*m.group(1, 3, 4))]
+        out += [Finding("ssn", m.start(1), m.end(3), m.group()[m.start(1) - m.start():], 0.9)
+                for m in SSN_BARE.finditer(text) if ssn_ok(*m.group(1, 2, 3))]
     if "ipv4" in types:
         for m in IPV4.finditer(text):
             try:
@@ -229,20 +247,36 @@ def normalise(text: str) -> tuple[str, list[int] | range]:
     return "".join(out), where
 
 
-def _fuzzy(phrase: str) -> str:
-    """A regex for phrase on normalised text: leet variants per letter, any separators between characters."""
+SEP_MAX = 8  # separators allowed between two characters of a phrase (after normalisation): bounds a match's length
+
+
+def _fuzzy(phrase: str) -> tuple[str, int]:
+    """A regex for phrase on normalised text (leet variants per letter, up to SEP_MAX separators between
+    characters) and the most normalised characters a match can span."""
     norm, _ = normalise(phrase)
     chars = [c for c in norm if not c.isspace()]
     parts = [f"[{re.escape(LEET[c])}]" if c in LEET else re.escape(c) for c in chars]
-    return r"(?<![^\W_])" + r"[\W_]*".join(parts) + r"(?![^\W_])"
+    return (r"(?<![^\W_])" + rf"[\W_]{{0,{SEP_MAX}}}".join(parts) + r"(?![^\W_])",
+            len(chars) + SEP_MAX * (len(chars) - 1))
+
+
+def _widest(regex: str) -> int | None:
+    """The most characters a regex can match, or None when unbounded (`+`, `*`, `{n,}`)."""
+    from re import _parser  # the stdlib's own regex parser; getwidth() gives (min, max)
+
+    hi = _parser.parse(regex).getwidth()[1]
+    return None if hi >= _parser.MAXREPEAT else hi
 
 
 class TermMatcher:
     """Words, phrases and regexes matched on the normalised text; spans are in the original text."""
 
     def __init__(self, phrases=(), regexes=()):
-        pats = [_fuzzy(p) for p in phrases if normalise(p)[0].strip()]
-        pats += [rf"(?<!\w)(?:{r})(?!\w)" for r in regexes]
+        fuzzy = [_fuzzy(p) for p in phrases if normalise(p)[0].strip()]
+        widths = [w for _, w in fuzzy] + [_widest(r) for r in regexes]
+        # the longest match in normalised characters (None: a regex without bound); the stream guard holds that many
+        self.longest = None if None in widths else max(widths, default=0)
+        pats = [p for p, _ in fuzzy] + [rf"(?<!\w)(?:{r})(?!\w)" for r in regexes]
         self.pattern = re.compile("|".join(f"(?:{p})" for p in pats), re.IGNORECASE) if pats else None
 
     def spans(self, text: str, norm=None) -> list[tuple[int, int]]:

@@ -171,3 +171,21 @@ def test_finetune_clean_flag_cleans_chat_records(tmp_path):
                     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]}]
     rep = json.loads((tmp_path / "ft" / "clean" / "chat.report.json").read_text())
     assert rep["removed"] == {"exact_duplicate": 1} and rep["pii"] == {"email": 1}
+
+
+def test_cli_keeps_record_fields_and_report_examples_hold_no_pii(tmp_path):
+    rng = random.Random(7)
+    docs = [doc(rng, 60) + f" Mail bob{i}@example.com or call SSN 123456789." for i in range(4)]
+    recs = [{"id": i, "url": f"https://example.org/{i}", "source": "web", "text": d, "meta": {"lang": "en"}}
+            for i, d in enumerate(docs)]
+    src, out, rep = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "report.json"
+    src.write_text("\n".join(json.dumps(r) for r in recs + recs[:2]) + "\n")  # two exact duplicates
+    r = llmkit("data", "clean", str(src), "--out", str(out), "--report", str(rep), "--pii", "redact")
+    assert r.returncode == 0, r.stderr
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{k: v for k, v in x.items() if k != "text"} for x in kept] == [
+        {k: v for k, v in x.items() if k != "text"} for x in recs]
+    assert all("[EMAIL]" in x["text"] and "[SSN]" in x["text"] for x in kept)
+    report = rep.read_text()
+    assert json.loads(report)["removed"]["exact_duplicate"] == 2 and json.loads(report)["examples"]["exact_duplicate"]
+    assert "@example.com" not in report and "123456789" not in report

@@ -35,8 +35,9 @@ def test_valid_ibans_pass_mod97_and_a_changed_digit_fails(iban):
 
 
 def test_emails_phones_ips_ssn_and_lookalikes():
-    assert types("write to jane.o'neil@mail.example.co.uk") == ["email"] or types(
-        "write to jane_oneil@mail.example.co.uk") == ["email"]
+    for email in ("jane.o'neil@mail.example.co.uk", "jane_oneil@mail.example.co.uk"):
+        assert Guard().check(f"write to {email}").text == "write to [EMAIL]", email  # the whole address
+    assert Guard().check("say 'bob@example.com'").text == "say '[EMAIL]'"  # quotes around it are not part of it
     assert types("no at sign here: example.com, user@localhost") == []
     for phone in ["+44 20 7946 0958", "+49 30 901820", "+33 1 42 68 53 00", "(415) 555-2671", "+1 415-555-2671",
                   "+91 98765 43210"]:
@@ -49,6 +50,14 @@ def test_emails_phones_ips_ssn_and_lookalikes():
     assert types("not an ip 999.1.1.1 or 1.2.3") == []
     assert types("SSN 123-45-6789") == ["ssn"]
     assert types("SSN 000-45-6789 666-12-3456 923-45-6789") == []  # SSA never issues these
+    for text in ("SSN 123456789", "my ssn: 123456789.", "Social Security No. 123456789"):
+        assert Guard().check(text).text.endswith(("[SSN]", "[SSN].")), text  # nine bare digits after the word
+    assert types("order 123456789") == types("SSN 000456789") == []
+
+
+def test_lower_case_ibans_are_found_and_stop_where_the_iban_ends():
+    for iban in IBANS_OK:
+        assert Guard().check(f"iban {iban.lower()} ok").text == "iban [IBAN] ok", iban
 
 
 def test_terms_match_normalised_with_word_boundaries():

@@ -108,10 +108,17 @@ def guarded(kind: str, fn, *a):
         raise APIError(500, f"guard failed on the {kind}: {type(e).__name__}: {e}") from None
 
 
-def guard_input(st, items: list, head: dict, chat: bool, stream: bool):
-    """None, or the refusal to answer instead of generating (llmkit.trust.guard); items are redacted in place."""
+def guard_input(st, items: list, head: dict, chat: bool, stream: bool, tools: list | None = None):
+    """None, or the refusal to answer instead of generating (llmkit.trust.guard); items (and the tool definitions
+    offered to the model) are redacted in place."""
     g = st.guard
-    if g is None or guarded("input", check_inputs, g, items, chat) is None:
+    if g is None:
+        return None
+    refused = guarded("input", check_inputs, g, items, chat)
+    if refused is None and tools:
+        checked, refused = guarded("input", g.check_tree, tools)
+        tools[:] = checked
+    if refused is None:
         return None
     body = refusal_response(head, g.policy.refusal_message, chat, stream)
     if not stream:
@@ -189,11 +196,15 @@ def chat_messages(req: ChatRequest) -> list[dict]:
              **({"tool_call_id": x.tool_call_id} if x.tool_call_id else {})} for x in req.messages]
 
 
-def chat_prompt(m: Served, req: ChatRequest, msgs: list[dict] | None = None) -> list[int]:
+def offered_tools(req: ChatRequest) -> list[dict] | None:
+    return [t.model_dump(exclude_none=True) for t in req.tools] if req.uses_tools() else None
+
+
+def chat_prompt(m: Served, req: ChatRequest, msgs: list[dict] | None = None, tools: list | None = None) -> list[int]:
     """Token ids of the conversation (tools rendered natively or in the generic format); runs in a worker thread."""
     msgs = chat_messages(req) if msgs is None else msgs
     tok = m.engine.tok
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.uses_tools() else None
+    tools = offered_tools(req) if tools is None else tools
     msgs, extra = toolcalls.render_messages(msgs, tools, toolcalls.template_supports_tools(tok))
     try:
         return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, **extra)
@@ -224,11 +235,11 @@ async def chat_completions(req: ChatRequest, request: Request, key=Depends(autho
         raise APIError(400, f"'n' must be at most {st.cfg.max_n}, got {req.n}", "n")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": m.name,
             "system_fingerprint": "llmkit"}
-    msgs = chat_messages(req)
-    refusal = await run_in_threadpool(guard_input, st, msgs, head, True, req.stream)
+    msgs, tools = chat_messages(req), offered_tools(req)
+    refusal = await run_in_threadpool(guard_input, st, msgs, head, True, req.stream, tools)
     if refusal is not None:
         return refusal
-    ids = await run_in_threadpool(chat_prompt, m, req, msgs)
+    ids = await run_in_threadpool(chat_prompt, m, req, msgs, tools)
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_new = max_new_tokens(req.new_tokens(), name, len(ids), m, st.cfg.max_tokens_cap, None, 1)
     constraint = await run_in_threadpool(build_constraint, m, req, max_new)
@@ -307,10 +318,13 @@ async def completions(req: CompletionRequest, request: Request, key=Depends(auth
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": m.name}
     texts = req.prompts()
-    if st.guard is not None and all(isinstance(x, str) for x in texts):
-        refusal = await run_in_threadpool(guard_input, st, texts, head, False, req.stream)
+    if st.guard is not None:  # token ids are decoded and checked as text; redacted ones are encoded again
+        decoded = await run_in_threadpool(lambda: [x if isinstance(x, str) else m.engine.tok.decode(x) for x in texts])
+        checked = list(decoded)
+        refusal = await run_in_threadpool(guard_input, st, checked, head, False, req.stream)
         if refusal is not None:
             return refusal
+        texts = [c if isinstance(x, str) or c != d else x for x, d, c in zip(texts, decoded, checked)]
     prompts = await run_in_threadpool(completion_prompts, m, req, texts)
     top = req.logprobs
     max_new = max_new_tokens(req.max_tokens, "max_tokens", max(len(p) for p in prompts), m, st.cfg.max_tokens_cap,
