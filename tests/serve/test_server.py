@@ -261,3 +261,35 @@ def test_lm_eval_remote_tokenizer_reads_the_server(server, tiny):
     assert (rt.eos_token, rt.eos_token_id, rt.bos_token_id) == ("<|im_end|>", tok.eos_id, tok.bos_id)
     assert rt.apply_chat_template(MSG) == tok.apply_chat_template(MSG, add_generation_prompt=True)
     assert httpx.get(server.url + "/tokenizer_info", params={"model": "nope"}).status_code == 404
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_rows_at_once(tiny):
+    """Issue 22: a non-streaming request whose client closed its socket kept generating while tokens arrived (the
+    disconnect was only polled after a second without events); now its rows go within a decode step or so."""
+    import socket
+    from urllib.parse import urlparse
+
+    srv = BackgroundServer(ServeConfig(models={"tiny": tiny}, port=0, max_batch=4, max_queue=4))
+    slow = tiny.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))  # ~10 ms a decode step
+    try:
+        u = urlparse(srv.url)
+        body = json.dumps({"model": "tiny", "messages": MSG, "max_tokens": 900, "n": 2, "ignore_eos": True})
+        sock = socket.create_connection((u.hostname, u.port))
+        sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        sched = srv.app.state.llmkit["models"]["tiny"].scheduler
+        deadline = time.time() + 10
+        while sched.batch_size == 0 and time.time() < deadline:  # both rows decoding
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert sched.batch_size == 2
+        sock.close()  # the client goes away; 900 tokens at ~10 ms would take 9 s more
+        t0 = time.time()
+        while sched.batch_size and time.time() - t0 < 5:
+            time.sleep(0.005)
+        assert sched.batch_size == 0 and time.time() - t0 < 0.5, time.time() - t0
+        assert httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "messages": MSG, "max_tokens": 3},
+                          timeout=30).status_code == 200  # and the server keeps serving
+    finally:
+        slow.remove()
+        srv.stop()

@@ -132,19 +132,29 @@ def output_guard(st, n: int):
     return RequestGuard(st.guard, n) if st.guard is not None else None
 
 
+async def _watch_disconnect(request: Request, q):
+    """Put a "disconnect" event in q as soon as the client closes its connection (the body is read already, so the
+    next ASGI message is the disconnect), so that a non-streaming request stops within one decode step."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            q.put_nowait((None, ("disconnect",)))
+            return
+
+
 async def events(request: Request, m: Served, reqs, q, key, n_prompt: int, poll_disconnect: bool, rg=None):
     """(row index, event) until every row is done; frees the rows of a client that left, counts the key's tokens.
 
-    rg (safety.RequestGuard): pieces pass through the output guard; a stream it stops ends with content_filter."""
+    poll_disconnect: watch for the client leaving (non-streaming requests; a streaming response notices it when a
+    write fails). rg (safety.RequestGuard): pieces pass through the output guard; a stream it stops ends with
+    content_filter."""
     left = len(reqs)
+    watcher = asyncio.create_task(_watch_disconnect(request, q)) if poll_disconnect else None
     try:
         while left:
-            try:
-                i, ev = await asyncio.wait_for(q.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if poll_disconnect and await request.is_disconnected():
-                    return
-                continue
+            i, ev = await q.get()
+            if ev[0] == "disconnect":
+                return
             if ev[0] == "error":
                 raise APIError(500, ev[1])
             for ev in guarded("output", rg.events, i, ev) if rg is not None else [ev]:
@@ -154,6 +164,8 @@ async def events(request: Request, m: Served, reqs, q, key, n_prompt: int, poll_
                         m.scheduler.cancel([reqs[i]])
                 yield i, ev
     finally:  # client gone, error or finished: free every row this request still holds
+        if watcher is not None:
+            watcher.cancel()
         m.scheduler.cancel([r for r in reqs if r.finish_reason is None])
         st = state_of(request)
         if st.keys is not None:
