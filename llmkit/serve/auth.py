@@ -6,7 +6,8 @@ per minute) and `name=LABEL`; blank lines and lines starting with # are skipped:
     sk-team-a  rpm=60 tpm=20000 name=team-a
     sk-admin
 Limits are sliding 60-second windows. A request over a limit gets 429 with Retry-After (seconds until the window has
-room). Tokens count when they are known: the prompt when a request is admitted, the output when it ends.
+room). A request holds its prompt plus all it may generate (max_tokens x n) against tpm when it is admitted (429 if
+that does not fit in the minute's window) and settles to what it used when it ends.
 """
 from __future__ import annotations
 
@@ -98,12 +99,38 @@ class KeyRing:
                                   max(1, math.ceil(wait)))
             key.requests.append(now)
 
+    def reserve(self, key: Key | None, tokens: int, now: float | None = None) -> list | None:
+        """Hold `tokens` (the prompt plus all the request may generate) against key's tokens/minute at admission;
+        RateLimited if they do not fit in the window. settle() replaces the hold by what the request used."""
+        if key is None or key.tpm is None:
+            return None
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            _expire(key, now)
+            used = sum(c for _, c in key.tokens)
+            if tokens > key.tpm:
+                raise RateLimited(f"this request may use {tokens} tokens (prompt + max_tokens x n), more than the "
+                                  f"{key.tpm} tokens/minute of key {key.name!r}; ask for fewer max_tokens", WINDOW)
+            if used + tokens > key.tpm:
+                wait = key.tokens[0][0] + WINDOW - now if key.tokens else 1
+                raise RateLimited(f"rate limit of {key.tpm} tokens/minute reached for key {key.name!r} ({used} used "
+                                  f"or held, this request may use {tokens})", max(1, math.ceil(wait)))
+            hold = [now, tokens]
+            key.tokens.append(hold)
+            return hold
+
     def spend(self, key: Key | None, tokens: int, now: float | None = None) -> None:
-        """Record tokens used by key's request."""
+        """Record tokens a request used that held nothing at admission (embeddings: known when they are counted)."""
         if key is None or key.tpm is None or tokens <= 0:
             return
         with self.lock:
-            key.tokens.append((time.monotonic() if now is None else now, tokens))
+            key.tokens.append([time.monotonic() if now is None else now, tokens])
+
+    def settle(self, hold: list | None, tokens: int) -> None:
+        """What a request held at admission becomes what it used (prompt + generated tokens)."""
+        if hold is not None:
+            with self.lock:
+                hold[1] = max(0, tokens)
 
 
 def _expire(key: Key, now: float):

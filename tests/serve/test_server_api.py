@@ -219,7 +219,7 @@ def test_logit_bias_max_completion_tokens_user_and_stream_usage(client, tiny):
 
 def test_key_file_rate_limits(tiny, tmp_path):
     keys = tmp_path / "keys.txt"
-    keys.write_text("# team keys\nk-slow rpm=2 name=slow\nk-tokens tpm=30\nk-free\n")
+    keys.write_text("# team keys\nk-slow rpm=2 name=slow\nk-tokens tpm=60\nk-free\n")
     srv = BackgroundServer(ServeConfig(models={"tiny": tiny}, port=0, api_key_file=str(keys)))
     try:
         def ask(key, **kw):
@@ -230,8 +230,10 @@ def test_key_file_rate_limits(tiny, tmp_path):
         r = ask("k-slow")
         assert r.json()["error"]["type"] == "rate_limit_error" and 1 <= int(r.headers["retry-after"]) <= 60
         assert ask("k-free").status_code == 200 and ask("nope").status_code == 401
-        statuses = [ask("k-tokens", max_tokens=20).status_code for _ in range(3)]
-        assert statuses[0] == 200 and 429 in statuses  # 20 + prompt tokens each: the second or third is over 30
+        statuses = [ask("k-tokens", max_tokens=8).status_code for _ in range(3)]
+        assert statuses[0] == 200 and 429 in statuses  # 8 + prompt tokens held each: the second or third is over 60
+        big = ask("k-tokens", max_tokens=70)  # could never fit in 60 tokens a minute
+        assert big.status_code == 429 and "more than the 60 tokens/minute" in big.json()["error"]["message"]
         metrics = httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer k-free"}).text
         assert 'llmkit:request_rejected_total{reason="rate_limit"}' in metrics
     finally:
@@ -407,3 +409,36 @@ def _render(tok, template, msgs, extra):
         return tok.apply_chat_template(msgs, add_generation_prompt=True, **extra)
     finally:
         tok.chat_template = old
+
+
+def test_tokens_per_minute_are_held_at_admission_not_counted_at_the_end(tiny, tmp_path):
+    """Issue 22: a key with tpm=1000 could start several concurrent long requests (nothing counted until one ended).
+    Now each holds its prompt + max_tokens x n when admitted, so a second concurrent one is refused at once, and the
+    hold settles to what was used."""
+    import threading
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("k-tpm tpm=1000\n")
+    srv = BackgroundServer(ServeConfig(models={"tiny": tiny}, port=0, api_key_file=str(keys)))
+    slow = tiny.model.register_forward_pre_hook(lambda *_: time.sleep(0.005))
+    try:
+        body = {"messages": MSG, "max_tokens": 600, "ignore_eos": True}
+        head = {"Authorization": "Bearer k-tpm"}
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=httpx.post(srv.url + "/v1/chat/completions",
+                                                                       headers=head, json=body, timeout=60)))
+        t.start()
+        sched = srv.app.state.llmkit["models"]["tiny"].scheduler
+        deadline = time.time() + 10
+        while sched.batch_size == 0 and time.time() < deadline:  # the first is running, far from done
+            time.sleep(0.01)
+        second = httpx.post(srv.url + "/v1/chat/completions", headers=head, json=body, timeout=60)
+        assert second.status_code == 429 and "may use" in second.json()["error"]["message"]
+        t.join()
+        assert first["r"].status_code == 200
+        used = first["r"].json()["usage"]["total_tokens"]
+        key = srv.app.state.llmkit.keys.keys[0]
+        assert sum(c for _, c in key.tokens) == used  # settled to what it used
+    finally:
+        slow.remove()
+        srv.stop()

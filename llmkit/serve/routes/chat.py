@@ -20,6 +20,7 @@ from llmkit.infer.engine import SamplingParams
 from llmkit.trust.guard import RequestGuard, check_inputs, refusal_response
 from llmkit.infer.scheduler import QueueFull, Request as GenRequest
 from llmkit.serve.constraints import Constraint, build_constraint
+from llmkit.serve.auth import RateLimited
 from llmkit.serve.state import APIError, Served, authorize, error_body, state_of
 
 router = APIRouter()
@@ -142,8 +143,21 @@ async def _watch_disconnect(request: Request, q):
             return
 
 
-async def events(request: Request, m: Served, reqs, q, key, n_prompt: int, poll_disconnect: bool, rg=None):
-    """(row index, event) until every row is done; frees the rows of a client that left, counts the key's tokens.
+def hold_tokens(st, key, tokens: int):
+    """Hold a request's prompt plus all it may generate against its key's tokens/minute (429 if they do not fit);
+    events() settles the hold to what was used."""
+    if st.keys is None:
+        return None
+    try:
+        return st.keys.reserve(key, tokens)
+    except RateLimited as e:
+        st.http.count("rejected", "rate_limit")
+        raise APIError(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after)}) from None
+
+
+async def events(request: Request, m: Served, reqs, q, hold, n_prompt: int, poll_disconnect: bool, rg=None):
+    """(row index, event) until every row is done; frees the rows of a client that left, settles the key's tokens
+    (hold: what hold_tokens reserved at admission).
 
     poll_disconnect: watch for the client leaving (non-streaming requests; a streaming response notices it when a
     write fails). rg (safety.RequestGuard): pieces pass through the output guard; a stream it stops ends with
@@ -169,7 +183,7 @@ async def events(request: Request, m: Served, reqs, q, key, n_prompt: int, poll_
         m.scheduler.cancel([r for r in reqs if r.finish_reason is None])
         st = state_of(request)
         if st.keys is not None:
-            st.keys.spend(key, n_prompt + sum(len(r.state.token_ids) for r in reqs if r.state is not None))
+            st.keys.settle(hold, n_prompt + sum(len(r.state.token_ids) for r in reqs if r.state is not None))
 
 
 def usage(reqs, n_prompt: int) -> dict:
@@ -257,18 +271,19 @@ async def chat_completions(req: ChatRequest, request: Request, key=Depends(autho
     constraint = await run_in_threadpool(build_constraint, m, req, max_new)
     procs = await run_in_threadpool(row_processors, constraint, req.n)
     kw = sampling_kwargs(req, req.logprobs, req.top_logprobs or 0)
+    hold = hold_tokens(st, key, len(ids) + req.n * max_new)
     reqs, q = submit(m, [ids], kw, max_new, req.n, procs)
     rg = output_guard(st, len(reqs))
     want_lp = req.logprobs and not (rg is not None and rg.hides_logprobs)
     if not req.stream:
-        async for _ in events(request, m, reqs, q, key, len(ids), poll_disconnect=True, rg=rg):
+        async for _ in events(request, m, reqs, q, hold, len(ids), poll_disconnect=True, rg=rg):
             pass
         choices = [chat_choice(i, r, req, want_lp, rg) for i, r in enumerate(reqs)]
         return {**head, "object": "chat.completion", "choices": choices, "usage": usage(reqs, len(ids))}
-    return stream_response(chat_stream(request, m, req, reqs, q, key, ids, head, rg, want_lp))
+    return stream_response(chat_stream(request, m, req, reqs, q, hold, ids, head, rg, want_lp))
 
 
-async def chat_stream(request, m, req: ChatRequest, reqs, q, key, ids, head, rg=None, want_lp=False):
+async def chat_stream(request, m, req: ChatRequest, reqs, q, hold, ids, head, rg=None, want_lp=False):
     chunk = {**head, "object": "chat.completion.chunk"}
     sent_lp = [0] * len(reqs)
     calls = [toolcalls.CallStream() if req.uses_tools() else None for _ in reqs]
@@ -278,7 +293,7 @@ async def chat_stream(request, m, req: ChatRequest, reqs, q, key, ids, head, rg=
 
     for i in range(len(reqs)):
         yield out(i, {"role": "assistant", "content": ""})
-    async for i, ev in events(request, m, reqs, q, key, len(ids), poll_disconnect=False, rg=rg):
+    async for i, ev in events(request, m, reqs, q, hold, len(ids), poll_disconnect=False, rg=rg):
         r, lp = reqs[i], None
         if want_lp and r.state.logprobs is not None:
             lp = chat_logprobs(r.state.logprobs[sent_lp[i]:])
@@ -346,6 +361,7 @@ async def completions(req: CompletionRequest, request: Request, key=Depends(auth
     constraint = await run_in_threadpool(build_constraint, m, req, max(max_new, 1))
     procs = await run_in_threadpool(row_processors, constraint, req.n * len(prompts))
     kw = sampling_kwargs(req, top is not None, top or 0)
+    hold = hold_tokens(st, key, sum(len(p) for p in prompts) + req.n * len(prompts) * max_new)
     reqs, q = submit(m, prompts, kw, max_new, req.n, procs, prompt_logprobs=req.echo and top is not None)
     rg = output_guard(st, len(reqs))
     if rg is not None and rg.hides_logprobs:
@@ -353,7 +369,7 @@ async def completions(req: CompletionRequest, request: Request, key=Depends(auth
     n_prompt = sum(len(p) for p in prompts)
     tok = m.engine.tok
     if not req.stream:
-        async for _ in events(request, m, reqs, q, key, n_prompt, poll_disconnect=True, rg=rg):
+        async for _ in events(request, m, reqs, q, hold, n_prompt, poll_disconnect=True, rg=rg):
             pass
         choices = []
         for i, r in enumerate(reqs):
@@ -363,16 +379,16 @@ async def completions(req: CompletionRequest, request: Request, key=Depends(auth
             reason = r.finish_reason if rg is None else rg.finish_reason(i, r.finish_reason)
             choices.append({"index": i, "text": prefix + text, "logprobs": lp, "finish_reason": reason})
         return {**head, "choices": choices, "usage": usage(reqs, n_prompt)}
-    return stream_response(completion_stream(request, m, req, reqs, q, key, n_prompt, head, rg))
+    return stream_response(completion_stream(request, m, req, reqs, q, hold, n_prompt, head, rg))
 
 
-async def completion_stream(request, m, req: CompletionRequest, reqs, q, key, n_prompt, head, rg=None):
+async def completion_stream(request, m, req: CompletionRequest, reqs, q, hold, n_prompt, head, rg=None):
     tok = m.engine.tok
     if req.echo:
         for i, r in enumerate(reqs):
             yield sse({**head, "choices": [{"index": i, "text": tok.decode(r.prompt_ids), "logprobs": None,
                                             "finish_reason": None}]})
-    async for i, ev in events(request, m, reqs, q, key, n_prompt, poll_disconnect=False, rg=rg):
+    async for i, ev in events(request, m, reqs, q, hold, n_prompt, poll_disconnect=False, rg=rg):
         reason = reqs[i].finish_reason if rg is None else rg.finish_reason(i, reqs[i].finish_reason)
         text, reason = (ev[1], None) if ev[0] == "piece" else ("", reason)
         yield sse({**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}]})
