@@ -273,6 +273,7 @@ def _recover(model, lm, rec, pc: PruneConfig, keep_zeros: bool) -> dict:
     if pc.recover_method == "lora":  # adapters on every linear of every block; merged back before saving
         for q in model.parameters():
             q.requires_grad_(False)
+        torch.manual_seed(pc.seed)  # the adapters' init: one seed, one run (issue 26)
         lora_lib.inject_lora(model, lora_lib.LoRAConfig(r=16, alpha=32.0, dropout=0.0, targets=["all"]))
     pad = pad_id_for(lm.tokenizer, model.config)
     tr, va = ExampleLoader(rec[0], pc.recover_batch_size, pad, seed=pc.seed), \

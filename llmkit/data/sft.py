@@ -136,8 +136,15 @@ def _column(rows, given, candidates, what, path):
                      f"name it with --{what}-column")
 
 
+def label_name(value) -> str:
+    """A label as a class name: what a classifier's id2label holds ("1" for the JSON number 1 and for "1")."""
+    if isinstance(value, bool):
+        return str(value).lower()  # JSON true/false as written
+    return str(value).strip()
+
+
 def label_set(labels: list[str]) -> dict[str, str]:
-    """id2label for the label strings: numeric labels in numeric order, others sorted."""
+    """id2label for the label names: numeric labels in numeric order, others sorted."""
     uniq = sorted(set(labels), key=lambda s: (0, float(s), s) if _is_number(s) else (1, 0, s))
     return {str(i): lab for i, lab in enumerate(uniq)}
 
@@ -150,8 +157,34 @@ def _is_number(s: str) -> bool:
         return False
 
 
+def _is_int(s: str) -> bool:
+    return s.lstrip("-").isdigit()
+
+
+def label_ids(labels: list[str], names: list[str], where="the data") -> list[int]:
+    """Class ids of label names (label_name) under a classifier's class names (id2label in id order).
+
+    The one reader of classification labels (finetune, distill and eval classify): a label is a class name. Only
+    when no class name is an integer (e.g. "negative", "positive", or LABEL_0) and every label is an integer in
+    range are the labels read as class indices (GLUE-style 0/1 data scored with a named-label model). A model
+    trained on labels 1 and 2 thus reads 1 as class "1" and 2 as class "2", never as indices.
+    """
+    label2id = {v: i for i, v in enumerate(names)}
+    if all(lab in label2id for lab in labels):
+        return [label2id[lab] for lab in labels]
+    as_index = not any(_is_int(n) for n in names)
+    if as_index and all(_is_int(lab) and 0 <= int(lab) < len(names) for lab in labels):
+        return [int(lab) for lab in labels]
+    i, lab = next((i, lab) for i, lab in enumerate(labels, 1)
+                  if lab not in label2id and not (as_index and _is_int(lab) and 0 <= int(lab) < len(names)))
+    if as_index and _is_int(lab):
+        raise ValueError(f"{where}: record {i}: label {lab} is out of range for the model's {len(names)} labels "
+                         f"{names}")
+    raise ValueError(f"{where}: record {i}: label {lab!r} is not one of the model's labels {names}")
+
+
 def read_classification(path, text_column=None, label_column=None, id2label=None):
-    """(texts, label ids, id2label) of a CSV/TSV/JSONL file; a given id2label must cover every label."""
+    """(texts, label ids, id2label) of a CSV/TSV/JSONL file; a given id2label must cover every label (label_ids)."""
     rows, kind = read_task_data(path)
     if kind == "text":
         raise ValueError(f"{path}: classification data must be CSV, TSV or JSONL with text and label columns")
@@ -163,17 +196,14 @@ def read_classification(path, text_column=None, label_column=None, id2label=None
         if t is None or lab is None or str(lab).strip() == "":
             raise ValueError(f"{path} row {n} has no {tcol!r} or {lcol!r} value")
         texts.append(str(t))
-        labels.append(str(lab).strip())
+        labels.append(label_name(lab))
     if id2label is None:
         id2label = label_set(labels)
         if len(id2label) < 2:
             raise ValueError(f"{path}: the label column {lcol!r} has one class ({labels[0]!r}); a classifier "
                              "needs at least two")
-    label2id = {v: int(k) for k, v in id2label.items()}
-    unknown = sorted(set(labels) - set(label2id))
-    if unknown:
-        raise ValueError(f"{path} has labels the training data lacks: {unknown[:5]}")
-    return texts, [label2id[lab] for lab in labels], id2label
+    names = [id2label[str(i)] for i in range(len(id2label))]
+    return texts, label_ids(labels, names, str(path)), id2label
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,24 +223,31 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 
 
 class ExampleLoader:
-    """Padded batches of variable-length examples: shuffled each epoch, similar lengths batched together, resumable.
+    """Padded batches of variable-length examples: shuffled each epoch, similar lengths batched together, resumable,
+    split by rank.
 
-    The state is (epoch, cursor); the order is a pure function of (seed, epoch). With shuffle=False it yields the
-    examples once, in order (evaluation).
+    The state is (epoch, cursor); the order is a pure function of (seed, epoch). Under several processes every rank
+    draws the same global batch (batch_size * world_size examples) and keeps its own slice, so N processes see
+    exactly the examples one process with an N times larger batch would (as data.corpus.BlockLoader does). With
+    shuffle=False it yields the examples once, in order, unsplit (evaluation: every rank scores the whole set).
     """
 
     def __init__(self, examples: list[dict], batch_size: int, pad_id: int, seed: int = 0, shuffle: bool = True,
-                 collate_fn=None):
-        if shuffle and len(examples) < batch_size:
-            raise ValueError(f"{len(examples)} training examples are fewer than one batch of {batch_size}: "
-                             "use more data or a smaller --batch-size")
+                 collate_fn=None, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+        if shuffle and len(examples) < batch_size * world_size:
+            many = f" ({world_size} processes x --batch-size {batch_size})" if world_size > 1 else ""
+            raise ValueError(f"{len(examples)} training examples are fewer than one batch of {batch_size * world_size}"
+                             f"{many}: use more data or a smaller --batch-size")
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.collate = collate_fn or collate  # e.g. distill.kd_collate adds cached teacher outputs
         self.epoch, self.cursor, self._batches = 0, 0, None
 
     def _epoch_batches(self) -> list[list[int]]:
-        n, bs = len(self.examples), self.batch_size
+        """This epoch's global batches (batch_size * world_size example indices each)."""
+        n, bs = len(self.examples), self.batch_size * (self.world_size if self.shuffle else 1)
         if not self.shuffle:
             return [list(range(s, min(s + bs, n))) for s in range(0, n, bs)]
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
@@ -223,7 +260,10 @@ class ExampleLoader:
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
     def __len__(self) -> int:
-        return len(self.examples) // self.batch_size if self.shuffle else -(-len(self.examples) // self.batch_size)
+        """Global batches per epoch (optimizer steps without accumulation)."""
+        if not self.shuffle:
+            return -(-len(self.examples) // self.batch_size)
+        return len(self.examples) // (self.batch_size * self.world_size)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -243,7 +283,8 @@ class ExampleLoader:
                 self.epoch, self.cursor, self._batches = self.epoch + 1, 0, self._epoch_batches()
             b = self._batches[self.cursor]
             self.cursor += 1
-            yield self.collate([self.examples[i] for i in b], self.pad_id)
+            mine = b[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]  # this rank's slice
+            yield self.collate([self.examples[i] for i in mine], self.pad_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------

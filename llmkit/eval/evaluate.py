@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmkit.data.sft import label_ids, label_name
 from llmkit.eval import metrics
 from llmkit.infer.classify import predict_proba
 from llmkit.infer.engine import Engine, SamplingParams
@@ -430,8 +431,9 @@ def evaluate_generate(lm, data, params=None, prompt_field="prompt", reference_fi
 
 
 def load_classify_records(path, text_field="text", label_field="label", labels: list[str] | None = None) -> list[dict]:
-    """(text, label index) records from .jsonl/.json or a TSV `text<TAB>label` file (SST-2 layout); labels=None checks
-    the file's structure only (string labels are kept as they are)."""
+    """(text, label index) records from .jsonl/.json or a TSV `text<TAB>label` file (SST-2 layout), labels read as
+    the model's class names (data.sft.label_ids, as finetune reads them); labels=None checks the file's structure
+    only (labels are kept as names)."""
     if str(path).endswith((".tsv", ".txt")):
         rows = []
         for n, line in enumerate(read_utf8(path).splitlines(), 1):
@@ -450,18 +452,12 @@ def load_classify_records(path, text_field="text", label_field="label", labels: 
     out = []
     for i, r in enumerate(rows, 1):
         text, label = _field(path, i, r, text_field, str), _field(path, i, r, label_field)
-        if labels is None and isinstance(label, str):  # label names are checked once the model's are known
-            out.append({"text": text, "label": label})
-            continue
-        if labels and isinstance(label, str) and label in labels:
-            label = labels.index(label)
-        elif isinstance(label, str) and label.strip().lstrip("-").isdigit():
-            label = int(label)
-        n = len(labels) if labels else None
-        if isinstance(label, bool) or not isinstance(label, int) or label < 0 or (n is not None and label >= n):
-            raise ValueError(f"{path}: record {i}: label {label!r} is out of range"
-                             + (f" for the model's {n} labels {labels}" if labels else ""))
-        out.append({"text": text, "label": label})
+        if isinstance(label, (list, dict)) or label is None or label_name(label) == "":
+            raise ValueError(f"{path}: record {i}: label {label!r} is not a class name or index")
+        out.append({"text": text, "label": label_name(label)})
+    if labels is not None:  # read as finetune reads them: names first (data.sft.label_ids)
+        for r, y in zip(out, label_ids([r["label"] for r in out], list(labels), str(path))):
+            r["label"] = y
     return out
 
 
@@ -530,9 +526,10 @@ def _progress(total, enabled, desc):
     return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False)
 
 
-HEADLINE = ["acc", "acc_norm", "acc_bytes", "macro_f1", "macro_precision", "macro_recall", "bits_per_byte",
-            "token_perplexity", "word_perplexity", "byte_perplexity", "mean_token_entropy", "mean_top1_prob",
-            "bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "ece", "mce", "brier"]
+HEADLINE = ["acc", "acc_norm", "acc_bytes", "macro_f1", "macro_f1_present", "macro_precision", "macro_recall",
+            "bits_per_byte", "token_perplexity", "word_perplexity", "byte_perplexity", "mean_token_entropy",
+            "mean_top1_prob", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "ece", "mce",
+            "brier"]
 
 
 def markdown_table(results: dict) -> str:

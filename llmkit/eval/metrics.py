@@ -23,7 +23,12 @@ def confusion_matrix(golds, preds, num_classes: int) -> np.ndarray:
 
 
 def classification_metrics(golds, preds, labels: list[str] | None = None) -> dict:
-    """Accuracy, per-class precision/recall/F1/support, their macro averages and the confusion matrix."""
+    """Accuracy, per-class precision/recall/F1/support, their macro averages and the confusion matrix.
+
+    The macro averages run over every class of `labels`: a class absent from both golds and predictions counts 0
+    (sklearn with labels=all classes, zero_division=0). macro_f1_present averages over the classes that occur in
+    golds or predictions only (sklearn's default, labels=None); both are reported, and macro_over says which is which.
+    """
     golds, preds = np.asarray(golds, dtype=np.int64), np.asarray(preds, dtype=np.int64)
     n = int(max(golds.max(initial=-1), preds.max(initial=-1)) + 1)
     labels = list(labels) if labels is not None else [str(i) for i in range(n)]
@@ -35,6 +40,7 @@ def classification_metrics(golds, preds, labels: list[str] | None = None) -> dic
     recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    present = (predicted > 0) | (actual > 0)
     per_class = {
         lab: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
               "support": int(actual[i])}
@@ -45,6 +51,9 @@ def classification_metrics(golds, preds, labels: list[str] | None = None) -> dic
         "macro_precision": float(precision.mean()),
         "macro_recall": float(recall.mean()),
         "macro_f1": float(f1.mean()),
+        "macro_f1_present": float(f1[present].mean()) if present.any() else 0.0,
+        "macro_over": f"all {len(tp)} classes (absent ones count 0); macro_f1_present: the {int(present.sum())} "
+                      "classes in golds or predictions",
         "per_class": per_class,
         "confusion_matrix": m.tolist(),
         "labels": labels,

@@ -17,7 +17,7 @@ from llmkit.infer.classify import pad_id_for, predict_proba
 from llmkit.model import lora as lora_lib
 from llmkit.model.checkpoint import save_model
 from llmkit.train import dp as privacy
-from llmkit.train.loop import train
+from llmkit.train.loop import setup_distributed, train
 from llmkit.train.losses import classify_loss, clm_loss
 from llmkit.train.setup import FinetuneConfig, prepare
 from llmkit.utils.io import write_json
@@ -39,7 +39,8 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None, dp=None):
     p = prepare(fc)
     lm, model, tok = p["lm"], p["lm"].model, p["lm"].tokenizer
     pad = pad_id_for(tok, model.config)
-    train_data = ExampleLoader(p["train"], fc.batch_size, pad, seed=fc.seed)
+    rank, world, _ = setup_distributed(tc.device)  # under torchrun each rank trains on its slice of every batch
+    train_data = ExampleLoader(p["train"], fc.batch_size, pad, seed=fc.seed, rank=rank, world_size=world)
     if epochs is not None or tc.max_steps <= 0:
         tc.max_steps = max(1, round((epochs or 1.0) * len(train_data) / max(1, tc.grad_accum)))
     if tc.warmup_steps < 0:
@@ -53,7 +54,7 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None, dp=None):
         else:
             save_model(d, m, tok, lm.generation_config)
 
-    loss = classify_loss if p["task"] == "classify" else clm_loss
+    loss = val_loss = classify_loss if p["task"] == "classify" else clm_loss  # validation: the same for every run
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     print(f"{p['task']} fine-tuning ({fc.method}): {len(p['train'])} train / {len(p['val'])} val examples, "
           f"{trainable:,} of {model.num_params():,} parameters trainable", file=sys.stderr)
@@ -66,7 +67,8 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None, dp=None):
         loss = privacy.per_example_classify_loss if p["task"] == "classify" else privacy.per_example_clm_loss
         tc.grad_clip = 0.0
         run["dp"] = wrap.summary()
-    result = train(model, train_data, loss, tc, val_data=val_data, save_fn=save_fn, run_config=run, wrap=wrap)
+    result = train(model, train_data, loss, tc, val_data=val_data, save_fn=save_fn, run_config=run, wrap=wrap,
+                   val_loss_fn=val_loss)
     if dp is not None:
         privacy.undo_dp_ready(model)
         _record_dp(out, wrap.summary(), result)
@@ -100,7 +102,8 @@ def report_classification(model, tok, texts, golds, max_length, out: Path | None
 def format_classification(m: dict) -> str:
     """A plain-text report: accuracy, macro-F1, per-class table, confusion matrix."""
     w = max(8, *(len(lab) for lab in m["labels"]))
-    lines = [f"accuracy {m['acc']:.4f}   macro-F1 {m['macro_f1']:.4f}",
+    lines = [f"accuracy {m['acc']:.4f}   macro-F1 {m['macro_f1']:.4f} over all classes, "
+             f"{m['macro_f1_present']:.4f} over the classes present",
              f"{'class':<{w}} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
     for lab, r in m["per_class"].items():
         lines.append(f"{lab:<{w}} {r['precision']:>9.4f} {r['recall']:>7.4f} {r['f1']:>7.4f} {r['support']:>8}")

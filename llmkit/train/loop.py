@@ -117,6 +117,12 @@ def scored_count(batch: dict) -> torch.Tensor:
     return (labels != -100).sum()
 
 
+def real_tokens(batch: dict) -> int:
+    """Tokens a batch holds, padding not counted (the attention mask's ones where the batch has one)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 def _unpack(out):
     return (out[0], out[1]) if isinstance(out, tuple) else (out, {})
 
@@ -224,13 +230,16 @@ def evaluate(model, data, loss_fn, steps: int, amp: torch.dtype | None, device: 
 
 def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfig, val_data=None,
           save_fn: Callable | None = None, sample_fn: Callable | None = None, run_config: dict | None = None,
-          wrap: Callable | None = None) -> dict:
+          wrap: Callable | None = None, val_loss_fn: Callable | None = None) -> dict:
     """Train model in place; returns the last logged metrics (with val_* after the final evaluation).
 
     train_data yields batches (dicts of tensors) forever and has state_dict()/load_state_dict() for resuming;
     val_data is re-iterable from the start. save_fn(dir, model) writes a model folder; sample_fn(model) -> str.
     wrap(model, optimizer, train_data) -> (model, optimizer, train_data, metrics_fn) replaces the three before the
     first step (DP-SGD: privacy.DPTraining); metrics_fn() -> dict joins every evaluation row.
+    val_loss_fn (default loss_fn) scores val_data: a run whose training loss differs from the usual one (DP-SGD's
+    per-example means) still reports the validation loss every other run reports.
+    Every rank saves and restores its own random state (dropout masks differ between ranks and resume exactly).
     """
     rank, world, device = setup_distributed(cfg.device)
     is_main = rank == 0
@@ -251,9 +260,10 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
             diff = sorted(k for k in set(saved_cfg) | set(now) if saved_cfg.get(k) != now.get(k))
             raise ValueError(f"--resume: {ckpt} was trained with a different model config ({', '.join(diff)}); "
                              f"use the same flags or a new --out")
-        if state.get("world_size", world) != world or state.get("data_shape") != _data_shape(train_data):
-            raise ValueError(f"--resume: {ckpt} used a different batch/block size or number of processes; "
-                             f"use the same settings or a new --out")
+        changed = _shape_changes(state, world, _data_shape(train_data), cfg.grad_accum)
+        if changed:
+            raise ValueError(f"--resume: {ckpt} used a different {', '.join(changed)}; the resumed run would not "
+                             f"continue the same batches: use the same settings or a new --out")
         raw.load_state_dict(state["model"])
     elif ckpt is not None:
         raise ValueError(f"{out} already holds checkpoints ({ckpt.name}): pass --resume to continue, or a new --out")
@@ -292,9 +302,10 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
         step, tokens, best, best_step = state["step"], state["tokens"], state["best_val"], state["best_step"]
         elapsed = state.get("elapsed", 0.0)
         train_data.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        rng = state["rng"][rank] if isinstance(state["rng"], list) else state["rng"]  # a list: one per rank
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
 
     # ---- output folder: run config, metrics (a resumed run drops lines logged after its checkpoint)
     metrics_path = out / "metrics.jsonl" if out else None
@@ -334,15 +345,31 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
         plain.load_state_dict(full_model)
         return plain
 
+    pending = torch.zeros((), dtype=torch.float64, device=device)  # tokens of other ranks not yet added (world > 1)
+
+    def count_tokens() -> int:
+        """tokens, with what the processes counted since the last call (one device sync, on logging steps)."""
+        nonlocal tokens
+        if world > 1:
+            tokens += int(pending.item())
+            pending.zero_()
+        return tokens
+
     def save(step_now: int, last_val: float | None, last_save: bool) -> bool:
         full_model, full_optim = _full_state(raw, optimizer, cfg.fsdp)
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        every_rng = [rng]
+        if world > 1:  # every rank's generators: each draws its own dropout masks, and must go on drawing them
+            every_rng = [None] * world
+            dist.all_gather_object(every_rng, rng)
+        n_tokens = count_tokens()
         if not is_main:
             return last_save
         plain = plain_model(full_model)
-        st = {"model": full_model, "optimizer": full_optim, "step": step_now, "tokens": tokens, "best_val": best,
+        st = {"model": full_model, "optimizer": full_optim, "step": step_now, "tokens": n_tokens, "best_val": best,
               "best_step": best_step, "val_loss": last_val, "data": train_data.state_dict(), "elapsed": elapsed,
-              "rng": {"cpu": torch.get_rng_state(),
-                      "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+              "rng": every_rng,
               "model_config": _model_config(raw), "world_size": world, "data_shape": _data_shape(train_data),
               "train_config": dataclasses.asdict(cfg)}
         _write_checkpoint(out, step_now, st, plain, save_fn, cfg.keep_last, best_step)
@@ -371,14 +398,20 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
         for g in optimizer.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                         for _ in range(cfg.grad_accum)]
+        host_batches = [next(batches) for _ in range(cfg.grad_accum)]
+        step_tokens = sum(real_tokens(b) for b in host_batches)  # counted on the host: no device sync
+        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in host_batches]
         # each micro-batch's mean loss is weighted by its share of the scored tokens of the whole step, over all
         # processes: the gradient of the big batch, whatever the number of scored (e.g. assistant) tokens per batch
         counts = torch.stack([scored_count(b) for b in micro_batches]).float()
         total = counts.sum()
-        if world > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        if world > 1:  # scored targets and real tokens of every process, in one collective
+            both = torch.stack([total.double(), torch.tensor(float(step_tokens), dtype=torch.float64, device=device)])
+            dist.all_reduce(both, op=dist.ReduceOp.SUM)
+            total = both[0].float()
+            pending += both[1]
+        else:
+            tokens += step_tokens
         weights = counts * world / total.clamp(min=1)  # DDP/FSDP average gradients over processes: undo the 1/world
         for micro, batch in enumerate(micro_batches):
             # gradients are averaged across processes only on the last micro-batch
@@ -394,7 +427,6 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
                 loss = torch.where(counts[micro] > 0, loss, torch.zeros_like(loss))
                 (loss * weights[micro]).backward()
             loss_sum += loss.detach() * weights[micro] / world
-            tokens += batch["input_ids"].numel() * world
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -411,6 +443,7 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
             if world > 1:  # the token-weighted mean over processes (.item() syncs only on logging steps)
                 dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
             now = time.time()
+            count_tokens()
             tps = (tokens - tok_log) / max(now - t_log, 1e-9)
             t_log, tok_log = now, tokens
             last = {"step": step, "tokens": tokens, "lr": lr, "train_loss": round(train_loss.item(), 6),
@@ -419,14 +452,17 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
             if not eval_now:
                 log(last)
         if eval_now:
-            ev = evaluate(raw, val_data, loss_fn, cfg.eval_steps, amp, device)
+            ev = evaluate(raw, val_data, val_loss_fn or loss_fn, cfg.eval_steps, amp, device)
             if ev["val_loss"] < best:
                 best, best_step = ev["val_loss"], step
             last.update({k: round(v, 6) for k, v in ev.items()})
             if wrap_metrics is not None:
                 last.update(wrap_metrics())
             if sample_fn is not None:  # on every rank: an FSDP forward needs them all
+                was = raw.training
+                raw.eval()  # greedy and without dropout: sampling draws no random number, so it leaves training alone
                 last["sample"] = sample_fn(raw)
+                raw.train(was)
             msg = " ".join(f"{k} {v:.4f}" for k, v in ev.items())
             if is_main:
                 bar.write(f"step {step}: {msg}" + (f"\n  sample: {last['sample']!r}" if "sample" in last else ""))
@@ -466,5 +502,21 @@ def _model_config(model) -> dict | None:
 
 
 def _data_shape(data) -> dict | None:
-    keys = ("block_size", "batch_size", "objective")
-    return {k: getattr(data, k) for k in keys} if all(hasattr(data, k) for k in keys) else None
+    """What fixes a loader's batches: block size, batch size, objective (those the loader has)."""
+    shape = {k: getattr(data, k) for k in ("block_size", "batch_size", "objective") if hasattr(data, k)}
+    return shape or None
+
+
+def _shape_changes(state: dict, world: int, shape: dict | None, grad_accum: int) -> list[str]:
+    """What a resume would change about the batches: the checkpoint's settings against this run's."""
+    changed = []
+    if state.get("world_size", world) != world:
+        changed.append(f"number of processes ({state['world_size']}, now {world})")
+    saved = state.get("data_shape")
+    if saved is not None and saved != shape:
+        changed += [f"{k.replace('_', ' ')} ({saved.get(k)}, now {(shape or {}).get(k)})" for k in
+                    sorted(set(saved) | set(shape or {})) if saved.get(k) != (shape or {}).get(k)]
+    old_accum = (state.get("train_config") or {}).get("grad_accum", grad_accum)
+    if old_accum != grad_accum:
+        changed.append(f"gradient accumulation ({old_accum}, now {grad_accum})")
+    return changed

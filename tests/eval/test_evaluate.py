@@ -294,6 +294,64 @@ def test_classify_label_out_of_range(tiny_classifier, tmp_path, capsys):
     assert rc == 2 and "record 2: label 7 is out of range" in err.strip().splitlines()[-1]
 
 
+def test_macro_f1_over_all_classes_and_over_present_ones():
+    from sklearn.metrics import f1_score
+
+    golds, preds = [0, 0, 1, 1], [0, 1, 1, 1]  # class 2 of the model is absent from both
+    m = metrics.classification_metrics(golds, preds, ["a", "b", "c"])
+    assert m["macro_f1"] == pytest.approx(f1_score(golds, preds, average="macro", labels=[0, 1, 2], zero_division=0))
+    assert m["macro_f1_present"] == pytest.approx(f1_score(golds, preds, average="macro", zero_division=0))
+    assert m["macro_f1_present"] > m["macro_f1"] and "absent" in m["macro_over"]
+
+
+def test_one_label_reader_for_integer_string_and_non_contiguous_labels():
+    from llmkit.data.sft import label_ids, label_name
+
+    assert [label_name(v) for v in (1, "1", " 2 ", "pos", 2.5)] == ["1", "1", "2", "pos", "2.5"]
+    assert label_ids(["1", "2", "1"], ["1", "2"]) == [0, 1, 0]  # integer names are names, never indices
+    assert label_ids(["7", "3", "10"], ["3", "7", "10"]) == [1, 0, 2]  # non-contiguous
+    assert label_ids(["pos", "neg"], ["neg", "pos"]) == [1, 0]
+    assert label_ids(["0", "2"], ["neg", "neu", "pos"]) == [0, 2]  # indices only when no class name is an integer
+    with pytest.raises(ValueError, match="record 2: label '0' is not one of the model's labels"):
+        label_ids(["1", "0"], ["1", "2"])
+    with pytest.raises(ValueError, match="record 1: label 'bad' is not one of"):
+        label_ids(["bad"], ["neg", "pos"])
+
+
+def test_finetune_and_eval_read_labels_alike(tiny_hf, tmp_path, capsys):
+    from llmkit.data.sft import read_classification
+
+    words = ["good film", "bad plot", "fine acting", "dull story"]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"{w} {i}", "label": y}) + "\n"
+                             for i, (w, y) in enumerate(zip(words * 3, [1, 2, 5] * 4))))
+    out = tmp_path / "clf"
+    assert cli.main(["finetune", "--model", str(tiny_hf), "--data", str(train), "--task", "classify", "--method",
+                     "full", "--out", str(out), "--max-steps", "1", "--batch-size", "4", "--val-fraction", "0.25",
+                     "--no-progress"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["id2label"] == {"0": "1", "1": "2", "2": "5"}
+    # the eval reader gives finetune's class ids for the same file, JSON numbers or strings alike
+    _, ids, _ = read_classification(train)
+    assert [r["label"] for r in evaluate.load_classify_records(train, labels=["1", "2", "5"])] == ids
+    as_strings = tmp_path / "strings.jsonl"
+    as_strings.write_text(train.read_text().replace('"label": 1', '"label": "1"'))
+    assert [r["label"] for r in evaluate.load_classify_records(as_strings, labels=["1", "2", "5"])] == ids
+    capsys.readouterr()
+    res_path = tmp_path / "res.json"
+    rc, _, err = _run_cli(["eval", "classify", "--model", str(out), "--data", str(train), "--out", str(res_path),
+                           "--no-progress"], capsys)
+    assert rc == 0, err
+    res = json.loads(res_path.read_text())
+    assert {k: v["support"] for k, v in res["per_class"].items()} == {"1": 4, "2": 4, "5": 4}
+    only_one = tmp_path / "ones.jsonl"
+    only_one.write_text(json.dumps({"text": "good film", "label": 1}) + "\n")
+    rc, _, err = _run_cli(["eval", "classify", "--model", str(out), "--data", str(only_one), "--out",
+                           str(res_path), "--no-progress"], capsys)
+    assert rc == 0, err
+    assert json.loads(res_path.read_text())["per_class"]["1"]["support"] == 1  # class "1", not the index 1 ("2")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the real default model
 
