@@ -14,10 +14,10 @@ next-token label is not IGNORE (all tokens of text data, assistant tokens of cha
 classifier.
 
 Teacher outputs come on the fly (a forward of the teacher in each step) or from a top-k cache: the teacher's k most
-likely next tokens and their log-probabilities for every position, computed once into numpy memmaps and reused
-across epochs and runs (its meta.json names the teacher, k and a hash of the token ids). With a cache the divergence
-runs over k + 1 buckets: the teacher's k tokens and one bucket for every other token, whose mass both sides know
-(kd_loss).
+likely next tokens, their log-probabilities and the other tokens' mass at the temperature for every position,
+computed once into numpy memmaps and reused across epochs and runs (its meta.json names the teacher, k, the
+temperature and a hash of the token ids). With a cache the divergence runs over k + 1 buckets: the teacher's k tokens
+and one bucket for every other token, whose mass both sides know (kd_loss): exact at any temperature.
 
 Students: a preset (its shape, with the teacher's vocabulary), a config.json, a model folder (e.g. a structurally
 pruned teacher from `llmkit prune`: the Minitron recipe), or a copy of the teacher keeping some blocks
@@ -74,11 +74,24 @@ TAIL_FLOOR = -80.0  # log of an empty tail bucket (exp(-80) ~ 2e-35: zero, witho
 TAIL_MIN = 1e-5  # a teacher tail below this is rounding (1 - a sum of k cached probabilities): taken as empty
 
 
-def _teacher_with_tail(logp: torch.Tensor) -> torch.Tensor:
-    """(..., k) cached log-probabilities -> (..., k + 1): the k tokens and one bucket for all the others."""
-    rest = 1 - logp.exp().sum(-1, keepdim=True)
-    rest = torch.where(rest > TAIL_MIN, rest, torch.zeros_like(rest))
-    return torch.cat([logp, rest.log().clamp(min=TAIL_FLOOR)], dim=-1)
+def _teacher_with_tail(logp: torch.Tensor, T: float = 1.0, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., k) cached log-probabilities at temperature 1 -> (..., k + 1) log-probabilities at temperature T: the k
+    tokens and one bucket for all the others.
+
+    tail (...): the log of the others' mass at T (the cache's tail.npy; teacher_top_k computes it from the full
+    logits). At T the k tokens keep their shares p_i^(1/T) among themselves and together hold 1 - exp(tail): exact at
+    any T. Without tail only T = 1 is possible (the others' mass is then 1 - the k probabilities; at T != 1 it needs
+    every tail token's probability, which the top k do not give)."""
+    if tail is None:
+        if T != 1:
+            raise ValueError(f"a top-k teacher at temperature {T:g} needs its tail mass at that temperature "
+                             "(teacher_tail; a teacher cache holds it)")
+        rest = 1 - logp.exp().sum(-1, keepdim=True)
+        rest = torch.where(rest > TAIL_MIN, rest, torch.zeros_like(rest))
+        return torch.cat([logp, rest.log().clamp(min=TAIL_FLOOR)], dim=-1)
+    tail = tail.float().unsqueeze(-1).clamp(min=TAIL_FLOOR, max=0)
+    head = torch.log1p(-tail.exp()).clamp(min=TAIL_FLOOR)  # log of the k tokens' mass at T
+    return torch.cat([F.log_softmax(logp / T, dim=-1) + head, tail], dim=-1)
 
 
 def _student_with_tail(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -87,24 +100,32 @@ def _student_with_tail(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([logp.gather(-1, ids), rest.clamp(min=TAIL_FLOOR)], dim=-1)
 
 
-def kd_loss(student_logits, teacher_logits=None, *, temperature: float = 2.0, kind: str = "forward_kl",
-            teacher_ids=None, teacher_logprobs=None) -> torch.Tensor:
-    """T^2 * mean divergence over rows: student (N, V) against full teacher logits (N, V), or a top-k teacher
-    (ids (N, k), log-probabilities (N, k) at temperature 1).
+def teacher_top_k(teacher_logits: torch.Tensor, k: int, temperature: float):
+    """What the cache keeps of a teacher's logits (..., V): the top-k ids, their log-probabilities at temperature 1
+    and the log-mass at `temperature` of every other token (TAIL_FLOOR when k is the vocabulary)."""
+    logp = F.log_softmax(teacher_logits.float(), dim=-1)
+    top = logp.topk(k, dim=-1)
+    tail = _student_with_tail(F.log_softmax(teacher_logits.float() / temperature, dim=-1), top.indices)[..., -1]
+    return top.indices, top.values, tail
 
-    With a top-k teacher both sides become distributions over k + 1 buckets: the teacher's k tokens and "any other
-    token", whose mass is 1 - (the k tokens' mass) for the teacher (known from its log-probabilities) and for the
-    student (known exactly from its full softmax). The divergence between those is exact for the bucketed view, needs
-    no renormalization, and equals the full one when the k tokens carry all the mass. The teacher is softened as
-    a (k + 1)-way distribution, which at T > 1 gives the tail less mass than softening every tail token would (the
-    cache does not hold them); at T = 1 nothing is approximated.
+
+def kd_loss(student_logits, teacher_logits=None, *, temperature: float = 2.0, kind: str = "forward_kl",
+            teacher_ids=None, teacher_logprobs=None, teacher_tail=None) -> torch.Tensor:
+    """T^2 * mean divergence over rows: student (N, V) against full teacher logits (N, V), or a top-k teacher
+    (ids (N, k), log-probabilities (N, k) at temperature 1, and tail (N,) the log-mass of every other token at
+    temperature T, as teacher_top_k gives them; tail may be left out at T = 1).
+
+    With a top-k teacher both sides become distributions over k + 1 buckets at temperature T: the teacher's k tokens
+    and "any other token", whose mass is known for the teacher (the cached tail) and for the student (exactly, from
+    its full softmax). The divergence between those is the bucketed view of the full one, exact at any T: zero, with
+    zero gradient, for a student equal to its teacher, and equal to the full one when the k tokens carry all the mass.
     """
     T = temperature
     s = F.log_softmax(student_logits.float() / T, dim=-1)
     if teacher_logits is not None:
         t = F.log_softmax(teacher_logits.float() / T, dim=-1)
     else:
-        t = F.log_softmax(_teacher_with_tail(teacher_logprobs.float()) / T, dim=-1)
+        t = F.log_softmax(_teacher_with_tail(teacher_logprobs.float(), T, teacher_tail), dim=-1)
         s = _student_with_tail(s, teacher_ids.long())
     return divergence(s, t, kind).mean() * T * T
 
@@ -130,8 +151,9 @@ def make_loss(teacher=None, *, temperature: float = 2.0, alpha: float = 0.5, kin
             if alpha == 0:  # plain cross-entropy training (the baseline of a KD run): no teacher forward
                 kd = torch.zeros((), device=ce.device)
             elif "teacher_ids" in batch:
-                kd = kd_loss(logits[keep], temperature=temperature, kind=kind,
-                             teacher_ids=batch["teacher_ids"][keep], teacher_logprobs=batch["teacher_logprobs"][keep])
+                tail = batch["teacher_tail"][keep] if "teacher_tail" in batch else None
+                kd = kd_loss(logits[keep], temperature=temperature, kind=kind, teacher_ids=batch["teacher_ids"][keep],
+                             teacher_logprobs=batch["teacher_logprobs"][keep], teacher_tail=tail)
             else:
                 with torch.no_grad():
                     t_logits = teacher(ids, attention_mask=mask)
@@ -212,31 +234,40 @@ def build_student(spec: str | None, teacher_lm, init_from_teacher: bool = False,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# top-k teacher cache (numpy memmaps: ids int32 and log-probabilities float16, one row per token)
+# top-k teacher cache (numpy memmaps, one row per token: ids int32 and log-probabilities float16 (n, k), the log-mass
+# at the run's temperature of every other token float32 (n,))
+
+CACHE_FORMAT = 2  # 2: tail.npy added (issue 27); a cache without it is rebuilt
 
 
-def _fingerprint(teacher_lm, k: int, examples: list[dict]) -> dict:
+def _fingerprint(teacher_lm, k: int, examples: list[dict], temperature: float) -> dict:
     h = hashlib.sha256()
     for e in examples:
         h.update(np.asarray(e["input_ids"], dtype=np.int64).tobytes())
         h.update(b"|")
     with torch.no_grad():  # which weights, cheaply
         wsum = float(sum(p.double().sum() for p in teacher_lm.model.parameters()))
-    return {"teacher": str(teacher_lm.path), "teacher_config": teacher_lm.model.config.to_dict(),
-            "teacher_weight_sum": round(wsum, 3), "k": k, "tokens_sha256": h.hexdigest(),
+    return {"format": CACHE_FORMAT, "teacher": str(teacher_lm.path),
+            "teacher_config": teacher_lm.model.config.to_dict(), "teacher_weight_sum": round(wsum, 3), "k": k,
+            "temperature": float(temperature), "tokens_sha256": h.hexdigest(),
             "n_tokens": sum(len(e["input_ids"]) for e in examples)}
 
 
-def check_cache(cache_dir, teacher_lm, k: int, examples: list[dict]) -> tuple[dict, bool]:
-    """(meta, ready): a complete cache must match this teacher, k and token ids; a mismatch is an error."""
-    meta = _fingerprint(teacher_lm, k, examples)
+def check_cache(cache_dir, teacher_lm, k: int, examples: list[dict], temperature: float) -> tuple[dict, bool]:
+    """(meta, ready): a complete cache must match this teacher, k, temperature and token ids; a mismatch is an error,
+    a cache of an older format is rebuilt (ready False)."""
+    meta = _fingerprint(teacher_lm, k, examples, temperature)
     p = Path(cache_dir)
     if (p / "meta.json").is_file():
         old = json.loads((p / "meta.json").read_text())
+        if old.get("format") != CACHE_FORMAT:
+            print(f"--teacher-cache {cache_dir} has an older format (no tail mass at the temperature): rebuilding it",
+                  file=sys.stderr)
+            return meta, False
         diff = [key for key in meta if old.get(key) != meta[key]]
         if diff:
-            raise ValueError(f"--teacher-cache {cache_dir} was built for another teacher, data or --top-k "
-                             f"({', '.join(diff)} differ); use a new folder")
+            raise ValueError(f"--teacher-cache {cache_dir} was built for another teacher, data, --top-k or "
+                             f"--temperature ({', '.join(diff)} differ); use a new folder")
         return meta, True
     if p.exists() and (not p.is_dir() or any(x for x in p.iterdir() if not x.name.startswith("."))):
         raise ValueError(f"--teacher-cache {cache_dir} exists but holds no cache (no meta.json); use a new folder")
@@ -246,7 +277,8 @@ def check_cache(cache_dir, teacher_lm, k: int, examples: list[dict]) -> tuple[di
 @torch.no_grad()
 def build_cache(cache_dir, teacher, examples: list[dict], k: int, meta: dict, batch_size: int = 8,
                 progress: bool = True):
-    """Run the teacher once over every example and store its top-k next-token ids and log-probabilities."""
+    """Run the teacher once over every example and store its top-k next-token ids and log-probabilities, and the
+    log-mass of the other tokens at meta's temperature (teacher_top_k)."""
     from tqdm import tqdm
 
     p = Path(cache_dir)
@@ -254,6 +286,7 @@ def build_cache(cache_dir, teacher, examples: list[dict], k: int, meta: dict, ba
     n = meta["n_tokens"]
     ids = np.lib.format.open_memmap(p / ".ids.npy.tmp", mode="w+", dtype=np.int32, shape=(n, k))
     lps = np.lib.format.open_memmap(p / ".logprobs.npy.tmp", mode="w+", dtype=np.float16, shape=(n, k))
+    tails = np.lib.format.open_memmap(p / ".tail.npy.tmp", mode="w+", dtype=np.float32, shape=(n,))
     offsets = np.cumsum([0] + [len(e["input_ids"]) for e in examples])
     device = next(teacher.parameters()).device
     teacher.eval()
@@ -262,27 +295,27 @@ def build_cache(cache_dir, teacher, examples: list[dict], k: int, meta: dict, ba
         chunk = examples[s:s + batch_size]
         # right padding: a causal model's outputs at the real positions do not depend on what follows them
         b = collate([{"input_ids": e["input_ids"], "labels": 0} for e in chunk], 0)
-        logp = F.log_softmax(teacher(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
-                             .float(), dim=-1)
-        top = logp.topk(k, dim=-1)
+        top_ids, top_lps, tail = teacher_top_k(teacher(b["input_ids"].to(device), attention_mask=b["attention_mask"]
+                                               .to(device)), k, meta["temperature"])
         for j, e in enumerate(chunk):
             a, t = offsets[s + j], len(e["input_ids"])
-            ids[a:a + t], lps[a:a + t] = top.indices[j, :t].cpu().numpy(), top.values[j, :t].cpu().numpy()
-    ids.flush()
-    lps.flush()
-    (p / ".ids.npy.tmp").replace(p / "ids.npy")
-    (p / ".logprobs.npy.tmp").replace(p / "logprobs.npy")
+            ids[a:a + t], lps[a:a + t] = top_ids[j, :t].cpu().numpy(), top_lps[j, :t].cpu().numpy()
+            tails[a:a + t] = tail[j, :t].clamp(min=TAIL_FLOOR).cpu().numpy()
+    for name, arr in (("ids", ids), ("logprobs", lps), ("tail", tails)):
+        arr.flush()
+        (p / f".{name}.npy.tmp").replace(p / f"{name}.npy")
     write_json(p / "meta.json", meta)  # written last: its presence means the cache is complete
 
 
 def attach_cache(cache_dir, examples: list[dict]):
-    """Give each example views of its rows of the cache ("teacher_ids", "teacher_logprobs")."""
+    """Give each example views of its rows of the cache ("teacher_ids", "teacher_logprobs", "teacher_tail")."""
     p = Path(cache_dir)
     ids, lps = np.load(p / "ids.npy", mmap_mode="r"), np.load(p / "logprobs.npy", mmap_mode="r")
+    tails = np.load(p / "tail.npy", mmap_mode="r")
     a = 0
     for e in examples:
         b = a + len(e["input_ids"])
-        e["teacher_ids"], e["teacher_logprobs"] = ids[a:b], lps[a:b]
+        e["teacher_ids"], e["teacher_logprobs"], e["teacher_tail"] = ids[a:b], lps[a:b], tails[a:b]
         a = b
 
 
@@ -293,11 +326,16 @@ def kd_collate(examples: list[dict], pad_id: int) -> dict:
         B, T = batch["input_ids"].shape
         k = examples[0]["teacher_ids"].shape[1]
         ids, lps = torch.zeros(B, T, k, dtype=torch.long), torch.zeros(B, T, k, dtype=torch.float32)
+        tails = torch.full((B, T), TAIL_FLOOR)
         for i, e in enumerate(examples):
             n = len(e["input_ids"])
             ids[i, :n] = torch.from_numpy(np.asarray(e["teacher_ids"], dtype=np.int64))
             lps[i, :n] = torch.from_numpy(np.asarray(e["teacher_logprobs"], dtype=np.float32))
+            if "teacher_tail" in e:
+                tails[i, :n] = torch.from_numpy(np.asarray(e["teacher_tail"], dtype=np.float32))
         batch["teacher_ids"], batch["teacher_logprobs"] = ids, lps
+        if "teacher_tail" in examples[0]:
+            batch["teacher_tail"] = tails
     return batch
 
 
@@ -390,7 +428,8 @@ def prepare(dc: DistillConfig) -> dict:
               f"({t_size:,})", file=sys.stderr)
     meta = ready = None
     if dc.teacher_cache:
-        meta, ready = check_cache(dc.teacher_cache, teacher_lm, min(dc.top_k, tcfg.vocab_size), train_ex + val_ex)
+        meta, ready = check_cache(dc.teacher_cache, teacher_lm, min(dc.top_k, tcfg.vocab_size), train_ex + val_ex,
+                                  dc.temperature)
     return dict(teacher=teacher_lm, student=student, how=how, task=task, classify=classify, train=train_ex,
                 val=val_ex, tok=tok, cache_meta=meta, cache_ready=ready, sizes=(t_size, s_size))
 
@@ -417,7 +456,8 @@ def distill(dc: DistillConfig, tc, epochs: float | None = None) -> dict:
         teacher.eval().requires_grad_(False)
         teacher_for_loss = teacher
     pad = pad_id_for(tok, student.config)
-    train_data = ExampleLoader(p["train"], dc.batch_size, pad, seed=dc.seed, collate_fn=kd_collate)
+    train_data = ExampleLoader(p["train"], dc.batch_size, pad, seed=dc.seed, collate_fn=kd_collate, rank=rank,
+                               world_size=world)
     val_data = ExampleLoader(p["val"], dc.batch_size, pad, shuffle=False, collate_fn=kd_collate)
     if epochs is not None or tc.max_steps <= 0:
         tc.max_steps = max(1, round((epochs or 1.0) * len(train_data) / max(1, tc.grad_accum)))

@@ -101,28 +101,47 @@ def test_kd_losses_match_a_direct_torch_computation(T):
 
 def test_top_k_cache_form_equals_the_full_teacher_when_k_is_the_vocabulary():
     s, t = logits(seed=3), logits(seed=4)
-    top = F.log_softmax(t, -1).topk(11, -1)
+    ids, lps, tail = D.teacher_top_k(t, 11, 2.0)
     for kind in D.LOSSES:
         full = D.kd_loss(s, t, temperature=2.0, kind=kind)
-        cached = D.kd_loss(s, temperature=2.0, kind=kind, teacher_ids=top.indices, teacher_logprobs=top.values)
+        cached = D.kd_loss(s, temperature=2.0, kind=kind, teacher_ids=ids, teacher_logprobs=lps, teacher_tail=tail)
         torch.testing.assert_close(cached, full)
-    # with fewer tokens every divergence stays >= 0, and at T = 1 (nothing approximated) is zero at the teacher
-    for kind in D.LOSSES:
-        assert float(D.kd_loss(s, temperature=2.0, kind=kind, teacher_ids=top.indices[:, :3],
-                               teacher_logprobs=top.values[:, :3])) >= 0
-        assert float(D.kd_loss(t, temperature=1.0, kind=kind, teacher_ids=top.indices[:, :3],
-                               teacher_logprobs=top.values[:, :3])) < 1e-5
-    # k < V: the divergence between the lumped distributions (3 tokens + "the rest"), computed here by hand
-    top3 = F.log_softmax(t, -1).topk(3, -1)
-    for T in (1.0, 2.0):
-        pt = top3.values.exp()
-        pt = torch.cat([pt, 1 - pt.sum(-1, keepdim=True)], -1) ** (1 / T)
-        pt = pt / pt.sum(-1, keepdim=True)
-        qs = F.softmax(s / T, -1).gather(-1, top3.indices)
-        qs = torch.cat([qs, 1 - qs.sum(-1, keepdim=True)], -1)
+    # k < V: the divergence between the bucketed distributions at T (3 tokens + "the rest"), computed here by hand
+    for T in (1.0, 2.0, 4.0):
+        ids, lps, tail = D.teacher_top_k(t, 3, T)
+        pt, qs = F.softmax(t / T, -1).gather(-1, ids), F.softmax(s / T, -1).gather(-1, ids)
+        pt, qs = (torch.cat([x, 1 - x.sum(-1, keepdim=True)], -1) for x in (pt, qs))
         ref = (pt * (pt.log() - qs.log())).sum(-1).mean() * T * T
-        torch.testing.assert_close(D.kd_loss(s, temperature=T, teacher_ids=top3.indices,
-                                             teacher_logprobs=top3.values), ref)
+        torch.testing.assert_close(D.kd_loss(s, temperature=T, teacher_ids=ids, teacher_logprobs=lps,
+                                             teacher_tail=tail), ref)
+    # at T = 1 the tail may be left out (1 - the k probabilities); at T != 1 it cannot
+    ids, lps, tail = D.teacher_top_k(t, 3, 1.0)
+    torch.testing.assert_close(D.kd_loss(s, temperature=1.0, teacher_ids=ids, teacher_logprobs=lps),
+                               D.kd_loss(s, temperature=1.0, teacher_ids=ids, teacher_logprobs=lps, teacher_tail=tail))
+    with pytest.raises(ValueError, match="tail mass"):
+        D.kd_loss(s, temperature=2.0, teacher_ids=ids, teacher_logprobs=lps)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("kind", D.LOSSES)
+def test_a_student_equal_to_its_teacher_has_zero_loss_and_gradient_at_any_temperature(T, kind):
+    """Issue 27: the cache softened the teacher's tail as one logit, so at T=2 a student equal to its teacher had a
+    loss of 0.8 here (2.9 in the issue's run) and a gradient pushing its tail mass to 0. The cached (top-k + tail)
+    loss equals the divergence of the full distributions lumped into the same k + 1 buckets."""
+    t = logits(n=8, v=50, seed=4)
+    ids, lps, tail = D.teacher_top_k(t, 5, T)
+    for cached in (False, True):
+        s = t.clone().requires_grad_(True)
+        kw = dict(teacher_ids=ids, teacher_logprobs=lps, teacher_tail=tail) if cached else dict(teacher_logits=t)
+        loss = D.kd_loss(s, temperature=T, kind=kind, **kw)
+        loss.backward()
+        tol = 1e-6 * T * T  # float32 rounding, scaled by the loss's T^2
+        assert abs(float(loss)) < tol and float(s.grad.abs().max()) < tol, (cached, float(loss))
+    s = logits(n=8, v=50, seed=5)
+    bucket = lambda x: D._student_with_tail(F.log_softmax(x / T, -1), ids)  # noqa: E731  (N, 6): 5 tokens + rest
+    ref = D.divergence(bucket(s), bucket(t), kind).mean() * T * T
+    torch.testing.assert_close(D.kd_loss(s, temperature=T, kind=kind, teacher_ids=ids, teacher_logprobs=lps,
+                                         teacher_tail=tail), ref)
 
 
 def test_cache_rows_are_the_teachers_top_k_for_examples_of_any_length(teacher_dir, tmp_path):
@@ -131,21 +150,40 @@ def test_cache_rows_are_the_teachers_top_k_for_examples_of_any_length(teacher_di
     lm = load_model(teacher_dir)
     g = torch.Generator().manual_seed(0)
     examples = [{"input_ids": torch.randint(3, 320, (n,), generator=g).tolist()} for n in (5, 17, 9, 1, 12)]
-    meta, ready = D.check_cache(tmp_path / "c", lm, 4, examples)
+    meta, ready = D.check_cache(tmp_path / "c", lm, 4, examples, 2.0)
     assert not ready
     D.build_cache(tmp_path / "c", lm.model, examples, 4, meta, batch_size=3, progress=False)
     ids, lps = np.load(tmp_path / "c" / "ids.npy"), np.load(tmp_path / "c" / "logprobs.npy")
+    tails = np.load(tmp_path / "c" / "tail.npy")
     a = 0
     for e in examples:
         with torch.no_grad():
-            top = F.log_softmax(lm.model(torch.tensor([e["input_ids"]]))[0], -1).topk(4, -1)
+            logits = lm.model(torch.tensor([e["input_ids"]]))[0]
+        top = F.log_softmax(logits, -1).topk(4, -1)
+        rest = F.softmax(logits / 2, -1).scatter(-1, top.indices, 0).sum(-1)  # the others' mass at T = 2
         n = len(e["input_ids"])
         assert (ids[a:a + n] == top.indices.numpy()).all()
         assert np.allclose(lps[a:a + n], top.values.numpy(), atol=2e-2)  # float16 storage
+        assert np.allclose(np.exp(tails[a:a + n]), rest.numpy(), rtol=1e-4, atol=1e-7)
         a += n
-    assert D.check_cache(tmp_path / "c", lm, 4, examples)[1]
+    assert D.check_cache(tmp_path / "c", lm, 4, examples, 2.0)[1]
     with pytest.raises(ValueError, match="another teacher"):
-        D.check_cache(tmp_path / "c", lm, 4, examples[:2])
+        D.check_cache(tmp_path / "c", lm, 4, examples[:2], 2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        D.check_cache(tmp_path / "c", lm, 4, examples, 1.0)
+    # the teacher through its own cache at T = 2: loss ~0 (float16 log-probabilities), not the issue's 2.9
+    D.attach_cache(tmp_path / "c", examples)
+    batch = D.kd_collate([dict(e, labels=e["input_ids"]) for e in examples], 0)
+    assert batch["teacher_tail"].shape == batch["input_ids"].shape
+    with torch.no_grad():
+        kd = D.make_loss(temperature=2.0, alpha=1.0)(lm.model, batch)[1]["kd"]
+    assert abs(float(kd)) < 1e-3
+    # a cache of the format before the tail (issue 27) is rebuilt, not reused
+    meta_file = tmp_path / "c" / "meta.json"
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "format"}))
+    assert D.check_cache(tmp_path / "c", lm, 4, examples, 2.0) == (meta, False)
+    D.build_cache(tmp_path / "c", lm.model, examples, 4, meta, batch_size=3, progress=False)
+    assert D.check_cache(tmp_path / "c", lm, 4, examples, 2.0)[1]
 
 
 def test_hinton_mix_and_assistant_only_positions():
@@ -223,7 +261,9 @@ def test_teacher_cache_is_built_once_reused_and_resume_works(teacher_dir, text, 
     steps = [json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 4 and steps == sorted(steps)
     rc = main([*args[:-len(FAST)], *FAST, "--out", str(tmp_path / "b"), "--max-steps", "1", "--top-k", "8"])
-    assert rc == 2 and "another teacher, data or --top-k" in capsys.readouterr().err
+    assert rc == 2 and "another teacher, data, --top-k or --temperature (k differ)" in capsys.readouterr().err
+    rc = main([*args, "--out", str(tmp_path / "b"), "--max-steps", "1", "--temperature", "4"])
+    assert rc == 2 and "(temperature differ)" in capsys.readouterr().err
 
 
 def test_chat_data_and_a_classifier_teacher(tok, teacher_dir, tmp_path):
