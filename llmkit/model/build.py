@@ -45,6 +45,15 @@ def default_dtype(device="cpu") -> torch.dtype:
 # building a model from a state dict without a random init
 
 
+def unused_parts(cfg: ModelConfig) -> tuple[str, ...]:
+    """Prefixes of the parameters the model's task does not use: a classifier's LM head and MLM transform (saving
+    leaves them out: transformers' *ForSequenceClassification has none), a masked LM's pooler (kept when saving, as
+    BERT checkpoints keep it, so that a classifier fine-tuned from the folder starts from the same pooler in llmkit
+    and in transformers; BertForMaskedLM reports those two tensors as unused). Loading initialises them fresh if a
+    task needs them and the folder has none."""
+    return ("lm_head.", "mlm_") if cfg.num_labels else ("pooler.",)
+
+
 def build_model(cfg: ModelConfig, state_dict: dict, dtype=None, device="cpu", strict=True) -> Transformer:
     """A Transformer holding `state_dict` (llmkit names), built without spending time on a random init."""
     model = Transformer(cfg, device="meta")
@@ -55,7 +64,7 @@ def build_model(cfg: ModelConfig, state_dict: dict, dtype=None, device="cpu", st
     missing = expected - set(state_dict)
     # a language model's head (and BERT's MLM transform) must come from the checkpoint, a classifier's score and
     # pooler too; only the parts the model's task never uses may be absent (they get a fresh init below)
-    unused = ("lm_head.", "mlm_") if cfg.num_labels else ("pooler.",)
+    unused = unused_parts(cfg)
     required = sorted(k for k in missing if not k.startswith(unused))
     if strict and required:
         heads = [k for k in required if k.startswith(("lm_head.", "mlm_", "score.", "pooler."))]

@@ -18,7 +18,8 @@ import torch
 from llmkit.model import lora, names
 from llmkit.model import quant as quantize
 from llmkit.model import quant_io
-from llmkit.model.build import DTYPES, QUANT_DTYPES, LoadedModel, build_model, default_dtype, parse_dtype  # noqa: F401
+from llmkit.model.build import (DTYPES, QUANT_DTYPES, LoadedModel, build_model, default_dtype,  # noqa: F401
+                                parse_dtype, unused_parts)
 from llmkit.model.config import ModelConfig
 from llmkit.model.gguf import config_from_gguf, gguf_field, is_gguf, load_gguf, read_gguf  # noqa: F401
 from llmkit.model.hf_config import config_from_hf, config_to_hf  # noqa: F401
@@ -45,7 +46,8 @@ def save_model(out_dir, model: Transformer, tokenizer=None, generation_config: d
     if qc is not None:  # llmkit's own names: no other library reads these packed tensors anyway
         tensors, dtype = quant_io.quantized_state_dict(model), None
     else:
-        tensors = names.to_hf_names(cfg, {k: v.detach() for k, v in model.state_dict().items()})
+        tensors = names.to_hf_names(cfg, {k: v.detach() for k, v in model.state_dict().items()
+                                          if not (cfg.num_labels and k.startswith(unused_parts(cfg)))})
     dt = parse_dtype(dtype)
     # clone: decode-fused weights are views of one buffer, and safetensors refuses tensors that share memory
     tensors = {k: (v.to(dt) if dt is not None and v.is_floating_point() else v).cpu().clone()

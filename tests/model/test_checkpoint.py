@@ -147,3 +147,24 @@ def test_model_files_get_the_mode_the_umask_gives(tmp_path, mask):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in files}
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+@pytest.mark.parametrize("family", ["llama-tiny", "gpt2-tiny", "bert-tiny"])
+@pytest.mark.parametrize("labels", [0, 2])
+def test_every_exported_family_loads_in_transformers_with_no_missing_or_unexpected_keys(family, labels, tmp_path):
+    """Issue 25: a BERT classifier folder carried the MLM head, which transformers reports as UNEXPECTED: a folder
+    holds what its architecture has. One exception, on purpose: a BERT masked LM keeps its pooler (as BERT's own
+    checkpoints do) so that a classifier fine-tuned from it starts from the same pooler in llmkit and transformers."""
+    torch.manual_seed(0)
+    cfg = preset(family, num_labels=labels) if labels else preset(family)
+    save_model(tmp_path, Transformer(cfg).eval())
+    auto = (transformers.AutoModelForSequenceClassification if labels else
+            transformers.AutoModelForMaskedLM if family.startswith("bert") else transformers.AutoModelForCausalLM)
+    hf, info = auto.from_pretrained(tmp_path, output_loading_info=True)
+    pooler = {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} if family == "bert-tiny" and not labels else set()
+    assert not info["missing_keys"] and not info["mismatched_keys"] and set(info["unexpected_keys"]) == pooler, info
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    ours = load_model(tmp_path, dtype="float32").model.eval()
+    with torch.no_grad():
+        got = ours(ids, head="classify") if labels else ours(ids)
+        assert torch.allclose(got, hf.eval()(ids).logits, atol=1e-4)
