@@ -264,3 +264,36 @@ def test_finetune_resume_with_another_batch_size_is_refused(base, tmp_path):
     tc = TrainConfig(max_steps=3, device="cpu", out=str(tmp_path / "r"), resume=True, progress=False)
     with pytest.raises(ValueError, match=r"batch size \(2, now 1\)"):
         finetune(fc, tc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every recipe: one --seed, one run, whatever state torch's global generator was left in
+
+
+SHAKE = DATA / "tinyshakespeare_head.txt"
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "distill", "prune-recover"])
+def test_every_recipe_with_one_seed_writes_the_same_weights(base, tmp_path, recipe):
+    from llmkit.cli import main
+
+    def run(name, seed, noise):
+        torch.manual_seed(noise)  # another global generator state before each run: only --seed may decide
+        torch.rand(noise)
+        out = tmp_path / name
+        args = {
+            "pretrain": ["pretrain", "--data", SHAKE, "--char", "--block-size", "32", "--batch-size", "4",
+                         "--max-steps", "3", "--n-layer", "1", "--dropout", "0.1", "--eval-every", "0",
+                         "--no-progress"],
+            "distill": ["distill", "--teacher", base, "--student", "llama-tiny", "--data", SHAKE, "--max-steps", "3",
+                        "--max-length", "48", "--batch-size", "4", "--eval-every", "0", "--no-report", "--no-progress"],
+            "prune-recover": ["prune", "--model", base, "--method", "structured", "--target", "mlp", "--ratio", "0.5",
+                              "--calib-data", SHAKE, "--calib-samples", "4", "--calib-seq-len", "32", "--recover", "2",
+                              "--recover-batch-size", "2", "--recover-method", "lora", "--no-report", "--no-progress"],
+        }[recipe]
+        assert main([str(a) for a in args] + ["--out", str(out), "--seed", str(seed)]) == 0
+        return load_file(out / "model.safetensors")
+
+    a, b, c = run("a", 0, 1), run("b", 0, 7), run("c", 1, 1)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
