@@ -3,7 +3,8 @@
 Tasks: chat (OpenAI-style {"messages": [...]}), instruct (Alpaca instruction/input/output, rendered through the
 model's own chat template), classify (CSV/TSV/JSONL text + label), text (plain-text continued pretraining).
 Chat and instruct train on assistant tokens only: each assistant turn's span is found by rendering the conversation
-up to that turn with add_generation_prompt=True, then up to and including it, with the model's own template.
+up to that turn with add_generation_prompt=True, then up to and including it, with the model's own template; inside
+it the reply's tokens and its end-of-turn token are trained (see assistant_mask).
 Used by the finetune, federated and distill recipes and by `llmkit finetune --clean`.
 """
 from __future__ import annotations
@@ -86,7 +87,8 @@ def alpaca_to_messages(rec: dict) -> list[dict]:
 
 
 def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns (content + end-of-turn marker)."""
+    """The rendered conversation and the character spans of its assistant turns as the template writes them
+    (after the generation prompt, through whatever the template puts after the turn, e.g. ChatML's "<|im_end|>\n")."""
     text = tok.apply_chat_template(messages)
     spans = []
     for i, m in enumerate(messages):
@@ -101,13 +103,46 @@ def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int
     return text, spans
 
 
+def _reply_chars(text: str, span: tuple[int, int], content) -> tuple[int, int]:
+    """Where the reply's own text lies inside a template span: the content as written, or trimmed (templates that
+    strip it), else the whole span."""
+    a, b = span
+    if isinstance(content, str):
+        for c in (content, content.strip()):
+            at = text.find(c, a, b)
+            if at >= 0:
+                return at, at + len(c)
+    return a, b
+
+
 def assistant_mask(tok, messages: list[dict]) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered conversation and, per token, whether it belongs to an assistant turn."""
+    """Token ids of the rendered conversation and, per token, whether it is trained: the tokens of each assistant
+    reply and its end-of-turn token (the first special token after the reply, e.g. <|im_end|>), and nothing the
+    template writes after that (ChatML's trailing newline) or before the reply (the assistant header).
+
+    A token that straddles the header and the reply (byte-level BPE merges the header's "\n" with a reply's leading
+    "\n" into one "\n\n" token) is trained: it holds reply text, and masking it would drop the reply's first
+    characters from the loss. If no special token follows the reply inside the template's span, the whole rest of the
+    span is trained."""
     if "assistant" not in [m.get("role") for m in messages]:
         raise ValueError("chat record has no assistant turn, so there is nothing to train on")
     text, spans = assistant_spans(tok, messages)
     enc = tok.hf.encode(text, add_special_tokens=False)
-    return list(enc.ids), [any(a <= start < b for a, b in spans) for start, _ in enc.offsets]
+    ids, offsets = list(enc.ids), enc.offsets
+    special = set(tok.all_special_ids)
+    replies = [m for m in messages if m.get("role") == "assistant"]
+    keep = [False] * len(ids)
+    for (a, b), m in zip(spans, replies):
+        start, reply_end = _reply_chars(text, (a, b), m.get("content"))
+        end = b  # through the end-of-turn token: the first special token starting at or after the reply's end
+        for t, (s, e) in enumerate(offsets):
+            if reply_end <= s < b and ids[t] in special:
+                end = e
+                break
+        for t, (s, e) in enumerate(offsets):
+            if s < end and e > start:  # overlaps [start, end): straddling tokens included
+                keep[t] = True
+    return ids, keep
 
 
 def encode_chat(tok, messages: list[dict], max_length: int) -> tuple[list[int], list[int], bool]:

@@ -57,9 +57,9 @@ def test_loss_mask_is_exactly_the_assistant_turns(tok):
     assert ids == tok.encode(tok.apply_chat_template(CONVO), add_special_tokens=False)
     kept = tok.decode([i for i, k in zip(ids, keep) if k])
     masked = tok.decode([i for i, k in zip(ids, keep) if not k])
-    assert kept == "Hello! How can I help?<|im_end|>\nBlue.<|im_end|>\n"
+    assert kept == "Hello! How can I help?<|im_end|>Blue.<|im_end|>"  # not the newline after each
     assert masked == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
-                      "<|im_start|>assistant\n<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n")
+                      "<|im_start|>assistant\n\n<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n\n")
     # labels are aligned for next-token loss: position t scores token t + 1 only when that one is the assistant's
     ids2, labels, cut = encode_chat(tok, CONVO, 512)
     assert ids2 == ids and not cut
@@ -72,7 +72,7 @@ def test_instruct_records_render_as_user_and_assistant(tok):
     msgs = alpaca_to_messages({"instruction": "Add", "input": "2 and 3", "output": "5"})
     assert msgs == [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
     ids, keep = assistant_mask(tok, msgs)
-    assert tok.decode([i for i, k in zip(ids, keep) if k]) == "5<|im_end|>\n"
+    assert tok.decode([i for i, k in zip(ids, keep) if k]) == "5<|im_end|>"
 
 
 def test_classify_lora_run_adapter_and_classify_command(base, tmp_path, capsys):
