@@ -31,6 +31,9 @@ def add_serve(sub):
                    "(repeatable)")
     p.add_argument("--guard", default=None, metavar="POLICY.yaml", help="check inputs and guard outputs with this "
                    "policy; refusals end with finish_reason content_filter")
+    p.add_argument("--review-db", default=None, metavar="PATH", help="with --guard: SQLite file where inputs and "
+                   "outputs the policy flags wait for review (`llmkit guard review`; default: "
+                   "$LLMKIT_HOME/review.db)")
     p.add_argument("--embedding-pooling", default="auto", choices=["auto", "mean", "last", "cls"],
                    help="/v1/embeddings pooling (auto: cls for BERT-style encoders, mean otherwise)")
     p.set_defaults(handler=cmd_serve)
@@ -61,11 +64,20 @@ def serve_config(args):
         from llmkit.trust.guard import load_policy
 
         load_policy(args.guard)  # a bad policy is a one-line error before anything loads
+    review_db = None
+    if args.guard:
+        from llmkit.trust.review import ReviewQueue, default_review_db
+
+        review_db = str(args.review_db or default_review_db())
+        ReviewQueue(review_db).close()  # an unwritable database fails now
+    elif args.review_db:
+        raise ValueError("--review-db needs --guard: only a policy flags texts for review")
     return ServeConfig(models=models, host=args.host, port=args.port, api_key=args.api_key,
                        api_key_file=args.api_key_file, max_batch=args.max_batch,
                        max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, cors_origins=args.cors_origin,
                        embedding_pooling=args.embedding_pooling, dtype=args.dtype, device=common.device(args),
-                       kv_cache_mb=args.kv_cache_mb, guard=args.guard, batch_invariant=args.batch_invariant)
+                       kv_cache_mb=args.kv_cache_mb, guard=args.guard, review_db=review_db,
+                       batch_invariant=args.batch_invariant)
 
 
 def cmd_serve(args):

@@ -1,11 +1,12 @@
-"""Trust commands: `llmkit explain` (attention maps, token view, attributions) and `llmkit guard check|eval` (PII and
-content-policy checks)."""
+"""Trust commands: `llmkit explain` (attention maps, token view, attributions) and `llmkit guard check|eval|review`
+(PII and content-policy checks, the review queue of flagged texts)."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
+import llmkit.cli.checks as checks
 import llmkit.cli.common as common
 from llmkit.cli.flags import Parser, model_flags
 
@@ -84,6 +85,8 @@ def add_guard(sub):
     q.add_argument("--policy", default=None, help="policy YAML (default: every built-in PII recogniser)")
     q.add_argument("--direction", choices=["input", "output"], default="input", help="which actions apply")
     q.add_argument("--json", action="store_true", help="one JSON object: findings, action, redacted text")
+    q.add_argument("--review-db", nargs="?", const="", default=None, metavar="PATH", help="queue the text for "
+                   "review if the policy flags it (default PATH: $LLMKIT_HOME/review.db)")
     q.set_defaults(handler=cmd_guard_check)
     q = gsub.add_parser("eval", help="precision/recall per type on labelled JSONL ({text, entities})")
     q.add_argument("--data", required=True, help="JSONL: {\"text\": ..., \"entities\": [{\"type\", \"start\", "
@@ -91,6 +94,15 @@ def add_guard(sub):
     q.add_argument("--policy", default=None, help="policy YAML (default: every built-in PII recogniser)")
     q.add_argument("--out", default=None, help="write the results JSON here")
     q.set_defaults(handler=cmd_guard_eval)
+    q = gsub.add_parser("review", help="a web page to mark flagged texts allowed or blocked, or --export them")
+    q.add_argument("--review-db", default=None, metavar="PATH", help="the review database (default: "
+                   "$LLMKIT_HOME/review.db, where `llmkit serve --guard` queues flagged texts)")
+    q.add_argument("--export", default=None, metavar="LABELED.jsonl", help="write the decided items as `guard eval` "
+                   "data ({text, entities}: a blocked item's findings, none for an allowed one) and exit")
+    q.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    q.add_argument("--port", type=int, default=8001, help="TCP port (default 8001)")
+    q.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the page's API")
+    q.set_defaults(handler=cmd_guard_review)
 
 
 def _read_arg_text(value: str) -> str:
@@ -117,6 +129,10 @@ def _guard_of(policy):
 def cmd_guard_check(args):
     text = _read_arg_text(args.input)
     guard = _guard_of(args.policy)
+    if args.review_db is not None:
+        from llmkit.trust.review import ReviewQueue, default_review_db
+
+        guard.review = ReviewQueue(args.review_db or default_review_db(), policy=args.policy)
     v = guard.check(text, args.direction)
     if args.json:
         print(json.dumps({"action": v.action, "categories": v.categories,
@@ -144,4 +160,38 @@ def cmd_guard_eval(args):
     for t, m in {**res["per_type"], "all (micro)": res["micro"]}.items():
         print(f"| {t} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['tp']} | {m['fp']} | {m['fn']} |")
     print(f"{res['n']} records, {res['mb_per_s']} MB/s", file=sys.stderr)
+    return 0
+
+
+def cmd_guard_review(args):
+    from llmkit.trust.review import ReviewQueue, default_review_db
+
+    path = Path(args.review_db) if args.review_db else default_review_db()
+    if not path.is_file():
+        raise ValueError(f"no review database at {path}: `llmkit serve --guard POLICY` (or `guard check --review-db`)"
+                         " creates it when the policy flags a text; give --review-db")
+    queue = ReviewQueue(path)
+    if args.export:
+        n = queue.export_labeled(args.export)
+        print(f"wrote {n} reviewed items to {args.export} (`llmkit guard eval --data {args.export}` reads it)",
+              file=sys.stderr)
+        return 0
+    import uvicorn
+
+    from llmkit.serve.review import create_review_app
+
+    checks.port(args.port)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"warning: serving the review page on {args.host} without --api-key", file=sys.stderr)
+    import socket
+
+    try:
+        sock = socket.create_server((args.host, args.port))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port or --host") \
+            from None
+    c, port = queue.counts(), sock.getsockname()[1]
+    print(f"llmkit review of {path} ({c['pending']} pending) on http://{args.host}:{port}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_review_app(queue, args.api_key), log_level="warning"))
+    server.run(sockets=[sock])
     return 0

@@ -20,6 +20,7 @@ from llmkit.infer.scheduler import Scheduler
 from llmkit.serve.auth import Key, KeyRing, RateLimited, read_key_file
 from llmkit.serve.metrics import HttpCounters
 from llmkit.trust.guard import Guard
+from llmkit.trust.review import ReviewQueue
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -46,6 +47,7 @@ class ServeConfig:
     kv_cache_mb: float | None = None  # per model; None: a fifth of the free memory
     batch_invariant: bool = False  # each request's tokens as if it ran alone (engine.DecodeBatch)
     guard: str | None = None  # policy YAML (llmkit.trust.guard): inputs checked, outputs guarded while streaming
+    review_db: str | None = None  # SQLite file the guard's `flag` action queues texts in (llmkit.trust.review)
 
 
 class APIError(Exception):
@@ -116,6 +118,8 @@ class ServerState:
                 self.models[name] = Served(name, engine, self._scheduler(engine))
             if self.cfg.guard:
                 self.guard = Guard.from_file(self.cfg.guard)
+                if self.cfg.review_db:
+                    self.guard.review = ReviewQueue(self.cfg.review_db, policy=str(self.cfg.guard))
             self.ready = True
             threading.Thread(target=self._watch, name="llmkit-supervisor", daemon=True).start()
         except Exception as e:  # reported by /health and every route, instead of a silent dead server

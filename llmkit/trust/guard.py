@@ -208,6 +208,7 @@ class Guard:
         self.terms = TermMatcher(self.policy.terms)
         self.key = hash_key if hash_key is not None else os.urandom(16)  # hashes are consistent within a run
         self.counts: Counter = Counter()
+        self.review = None  # a llmkit.trust.review.ReviewQueue: texts the policy flags are queued for people
         # the stream guard's holdback in normalised characters: the longest match a block/allow list or term can
         # make (a regex without a bound, `\s+`, is covered up to holdback characters)
         widths = [self.terms.longest] + [m.longest for c in self.policy.categories for m in (c.matcher, c.allow)]
@@ -272,6 +273,9 @@ class Guard:
             action = max(action, a, key=RANK.__getitem__)
         redact = [f for f in findings if self.action_for(f, direction) == "redact"]
         out = self.redact(text, redact) if action != "refuse" else text
+        if self.review is not None and action != "refuse" and any(self.action_for(f, direction) == "flag"
+                                                                  for f in findings):
+            self.review.record(self, text, findings, direction)
         return Verdict(out, findings, action, sorted(set(fired)))
 
     def redact(self, text: str, findings: list[Finding]) -> str:
@@ -400,6 +404,7 @@ class StreamGuard:
         self.sent = 0  # characters of self.text already decided (sent or replaced)
         self.blocked = False
         self.findings: list[Finding] = []
+        self.request_id: str | None = None  # recorded with a flagged output (guard.review)
         # a classifier judges the whole output; if it may refuse or redact, nothing can be sent before the end
         self.hold_all = any(c.classifier and c.output in ("refuse", "redact") for c in guard.policy.categories)
 
@@ -428,6 +433,8 @@ class StreamGuard:
         if self.blocked:
             return ""
         out = self._release(len(self.text), final=True)
+        if self.g.review is not None and not self.blocked:
+            self.g.review.record(self.g, self.text, self.findings, "output", self.request_id)
         return out
 
     def _release(self, upto: int, final: bool) -> str:
@@ -483,9 +490,11 @@ class StreamGuard:
 class RequestGuard:
     """Guards the n output streams of one server request; a blocked stream ends with reason "content_filter"."""
 
-    def __init__(self, guard: Guard, n: int):
+    def __init__(self, guard: Guard, n: int, request_id: str | None = None):
         self.guard = guard
         self.streams = [guard.stream() for _ in range(n)]
+        for s in self.streams:
+            s.request_id = request_id
         self.texts = [""] * n
         self.blocked: set[int] = set()
 

@@ -18,6 +18,7 @@ from llmkit.serve import tools as toolcalls
 from llmkit.serve.protocol import ChatRequest, CompletionRequest, Sampling
 from llmkit.infer.engine import SamplingParams
 from llmkit.trust.guard import RequestGuard, check_inputs, refusal_response
+from llmkit.trust.review import REQUEST_ID
 from llmkit.infer.scheduler import QueueFull, Request as GenRequest
 from llmkit.serve.constraints import Constraint, build_constraint
 from llmkit.serve.auth import RateLimited
@@ -115,6 +116,7 @@ def guard_input(st, items: list, head: dict, chat: bool, stream: bool, tools: li
     g = st.guard
     if g is None:
         return None
+    REQUEST_ID.set(head["id"])  # this thread's context: a flagged input is queued with the request id
     refused = guarded("input", check_inputs, g, items, chat)
     if refused is None and tools:
         checked, refused = guarded("input", g.check_tree, tools)
@@ -128,9 +130,9 @@ def guard_input(st, items: list, head: dict, chat: bool, stream: bool, tools: li
     return StreamingResponse(iter([text]), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def output_guard(st, n: int):
+def output_guard(st, n: int, request_id: str | None = None):
     """The request's output guard (one stream per row), or None without a policy."""
-    return RequestGuard(st.guard, n) if st.guard is not None else None
+    return RequestGuard(st.guard, n, request_id) if st.guard is not None else None
 
 
 async def _watch_disconnect(request: Request, q):
@@ -273,7 +275,7 @@ async def chat_completions(req: ChatRequest, request: Request, key=Depends(autho
     kw = sampling_kwargs(req, req.logprobs, req.top_logprobs or 0)
     hold = hold_tokens(st, key, len(ids) + req.n * max_new)
     reqs, q = submit(m, [ids], kw, max_new, req.n, procs)
-    rg = output_guard(st, len(reqs))
+    rg = output_guard(st, len(reqs), head["id"])
     want_lp = req.logprobs and not (rg is not None and rg.hides_logprobs)
     if not req.stream:
         async for _ in events(request, m, reqs, q, hold, len(ids), poll_disconnect=True, rg=rg):
@@ -363,7 +365,7 @@ async def completions(req: CompletionRequest, request: Request, key=Depends(auth
     kw = sampling_kwargs(req, top is not None, top or 0)
     hold = hold_tokens(st, key, sum(len(p) for p in prompts) + req.n * len(prompts) * max_new)
     reqs, q = submit(m, prompts, kw, max_new, req.n, procs, prompt_logprobs=req.echo and top is not None)
-    rg = output_guard(st, len(reqs))
+    rg = output_guard(st, len(reqs), head["id"])
     if rg is not None and rg.hides_logprobs:
         top = None
     n_prompt = sum(len(p) for p in prompts)
