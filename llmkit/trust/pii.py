@@ -230,9 +230,16 @@ def resolve_overlaps(findings: list[Finding]) -> list[Finding]:
 LEET = {"a": "a4@", "e": "e3", "i": "i1!|", "o": "o0", "s": "s5$", "t": "t7", "l": "l1|", "g": "g9", "b": "b8"}
 
 
+# Cyrillic and Greek letters that look like Latin ones (the lower- and upper-case pairs of Unicode's confusables.txt
+# for these scripts), mapped before case-folding: NFKC keeps them apart, so "bоmb" with a Cyrillic о would pass
+HOMOGLYPHS = str.maketrans(
+    "аеорсухіјѕԁһԛԝаАВЕКМНОРСТХІЈЅԌ" "αβεικνορτυχΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
+    "aeopcyxijsdhqwaABEKMHOPCTXIJSG" "abeikvoptuxABEZHIKMNOPTYX")
+
+
 def normalise(text: str) -> tuple[str, list[int] | range]:
-    """Text NFKC-normalised, case-folded, accents and zero-width/format characters removed, with each output
-    character's index in the original text."""
+    """Text with Cyrillic/Greek look-alikes of Latin letters mapped (HOMOGLYPHS), NFKC-normalised, case-folded,
+    accents and zero-width/format characters removed, with each output character's index in the original text."""
     if text.isascii():  # the common case, 20x faster: one index per character
         return text.lower(), range(len(text))
     out, where = [], []
@@ -240,7 +247,7 @@ def normalise(text: str) -> tuple[str, list[int] | range]:
         if c.isascii():
             n = c.lower()
         else:
-            n = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", c).casefold())
+            n = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", c.translate(HOMOGLYPHS)).casefold())
             n = "".join(x for x in n if unicodedata.category(x) not in ("Mn", "Cf"))
         out.append(n)
         where += [i] * len(n)
