@@ -89,7 +89,8 @@ def add_finetune(sub):
     model_flags(p)
     a("--data", required=True, help="chat JSONL ({messages}), Alpaca JSON/JSONL, CSV/TSV/JSONL (text, label) or .txt")
     a("--out", required=True, help="output folder (adapter or model, checkpoints/, metrics.jsonl, loss.png)")
-    a("--val-data", help="validation file (default: hold out --val-fraction of --data)")
+    a("--val-data", help="validation file (default: hold out --val-fraction of --data; under --dp-epsilon it must be "
+      "public data, and without it validation is off)")
     a("--val-fraction", type=float, default=0.1, help="share of --data held out for validation (default 0.1)")
     a("--task", choices=["chat", "instruct", "classify", "text"], help="default: detected from the file")
     a("--method", choices=["lora", "full"], default="lora", help="LoRA adapters (default) or all weights")

@@ -19,6 +19,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -175,6 +176,55 @@ def spent_epsilon(noise: float, sample_rate: float, steps: int, delta: float, ac
     acc = create_accountant(accountant)
     acc.history = [(noise, sample_rate, steps)]
     return float(acc.get_epsilon(delta=delta))
+
+
+class ClientDP:
+    """DP-FedAvg on the server (McMahan et al. 2018): Poisson-sample clients, clip each update, add noise.
+
+    Each round every connected client joins independently with probability q = m / --clients (m: the clients
+    Flower's fraction would pick of all --clients), which is the Poisson-subsampled Gaussian mechanism the RDP
+    accountant bounds. The sum of the clipped updates is divided by the fixed m (not by how many came), so one
+    client moves the mean by at most clip / m whoever else is there; a client that fails adds a zero update. A client
+    that leaves (or never connects) is simply never sampled: no one else's q grows, so the account stays valid as
+    clients drop. A round with no client sampled still releases noise (else that round would tell whether anyone was
+    sampled)."""
+
+    def __init__(self, fc):
+        self.clip, self.delta, self.m, self.target = fc.dp_clip, fc.dp_delta, fc.sampled_per_round(), fc.dp_epsilon
+        self.sample_rate, self.rounds = self.m / fc.clients, fc.rounds
+        cfg = DPConfig(fc.dp_epsilon, fc.dp_delta, fc.dp_clip, "rdp").check()
+        self.noise = noise_multiplier(cfg, self.sample_rate, fc.rounds)  # or a ValueError: what's reachable
+        self.rng = np.random.default_rng()  # unseeded: the noise and the sampling must not be predictable
+
+    def sample(self, clients: list) -> list:
+        """Poisson sampling: each of `clients` (those connected now) independently with probability q."""
+        return [c for c in clients if self.rng.random() < self.sample_rate]
+
+    def aggregate(self, global_arrays: list, client_arrays: list) -> tuple[list, dict]:
+        """(new global arrays, {"clipped": count, "update_norms": [...]}): global + mean clipped update + noise.
+        The info is per client and un-noised: for tests and the server's console, never for metrics.jsonl."""
+        total = [np.zeros_like(g, dtype=np.float64) for g in global_arrays]
+        norms = []
+        for arrays in client_arrays:
+            delta = [a.astype(np.float64) - g for a, g in zip(arrays, global_arrays)]
+            norm = float(np.sqrt(sum((d * d).sum() for d in delta)))
+            norms.append(round(norm, 6))
+            scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
+            for t, d in zip(total, delta):
+                t += d * scale
+        std = self.noise * self.clip / self.m
+        new = [(g + t / self.m + self.rng.normal(0.0, std, g.shape)).astype(g.dtype)
+               for g, t in zip(global_arrays, total)]
+        return new, {"clipped": sum(n > self.clip for n in norms), "update_norms": norms}
+
+    def epsilon(self, rounds_done: int) -> float:
+        return spent_epsilon(self.noise, self.sample_rate, rounds_done, self.delta, "rdp")
+
+    def summary(self, rounds_done: int) -> dict:
+        return {"level": "client", "target_epsilon": self.target, "delta": self.delta, "clip": self.clip,
+                "noise_multiplier": self.noise, "clients_per_round": self.m, "sample_rate": self.sample_rate,
+                "planned_rounds": self.rounds, "rounds": rounds_done, "accountant": "rdp", "sampling": "poisson",
+                "epsilon_spent": self.epsilon(rounds_done)}
 
 
 class PoissonBatches:

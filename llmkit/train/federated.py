@@ -12,15 +12,18 @@ way on one machine (clients as local processes on loopback) and across machines.
 Ray (`flwr[simulation]` pins ray, several hundred MB), and its SuperLink/SuperNode deployment needs a Flower App
 bundle launched with `flwr run`, so llmkit uses the direct gRPC entry points, which Flower 1.42 still ships (marked
 deprecated since 1.13). A client that fails or disconnects mid-round is a failure of that round: the others are
-aggregated (accept_failures), the failure is logged in metrics.jsonl, and later rounds sample the clients still there.
+aggregated (accept_failures), the failure is logged (in metrics.jsonl unless under DP), and later rounds go on
+without it.
 
-Client-level differential privacy (optional, --dp-epsilon; DP-FedAvg, McMahan et al. 2018): the server clips each
-client's update (its adapter minus the global one, L2 norm over all tensors) to --dp-clip, averages the clipped
-updates uniformly over the m clients planned per round (a client that failed adds a zero update, so one client's
-influence stays at most clip / m), and adds Gaussian noise of standard deviation noise * clip / m. The noise
-multiplier is calibrated with privacy.py's accountant (RDP) so that --rounds rounds at sample rate m / --clients spend
---dp-epsilon; the epsilon spent so far is in every round's row. It protects whole clients (all of a client's data),
-not single examples, and needs many clients to learn anything: with 4 clients the noise on the mean is large.
+Client-level differential privacy (optional, --dp-epsilon; DP-FedAvg, McMahan et al. 2018; dp.ClientDP): each round
+the server samples every connected client independently with probability q = m / --clients (Poisson sampling, the
+mechanism the RDP accountant bounds; m is what --fraction-fit would pick of all --clients), clips each update (its
+adapter minus the global one, L2 over all tensors) to --dp-clip, divides the sum by the fixed m (a failed client adds
+a zero update) and adds Gaussian noise of standard deviation noise * clip / m. A client that drops is never sampled
+again and no one else's q grows, so the account holds as clients leave. The noise multiplier spends --dp-epsilon
+over --rounds rounds. It protects whole clients, not single examples, and needs many clients to learn anything.
+Under DP, metrics.jsonl and the plot hold only the round, the noised adapter's validation scores (the server's own
+data) and the epsilon spent: no client's loss, update norm, clip count, example count or participation.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from llmkit.data.sft import ExampleLoader
 from llmkit.infer.classify import pad_id_for
 from llmkit.model import lora as lora_lib
 from llmkit.train import dp as privacy
+from llmkit.train.dp import ClientDP
 from llmkit.train.loop import TrainConfig, evaluate, train
 from llmkit.train.losses import classify_loss, clm_loss
 from llmkit.train.setup import FinetuneConfig, prepare
@@ -105,42 +109,6 @@ class FederateConfig:
     def sampled_per_round(self) -> int:
         """Clients Flower's FedAvg samples per round when all are connected (int(n * fraction), at least 1)."""
         return max(1, int(self.clients * self.fraction_fit))
-
-
-class ClientDP:
-    """DP-FedAvg on the server: clip each client's update, average over the planned m clients, add noise."""
-
-    def __init__(self, fc: FederateConfig):
-        self.clip, self.delta, self.m, self.target = fc.dp_clip, fc.dp_delta, fc.sampled_per_round(), fc.dp_epsilon
-        self.sample_rate, self.rounds = self.m / fc.clients, fc.rounds
-        cfg = privacy.DPConfig(fc.dp_epsilon, fc.dp_delta, fc.dp_clip, "rdp").check()
-        self.noise = privacy.noise_multiplier(cfg, self.sample_rate, fc.rounds)  # or a ValueError: what's reachable
-        self.rng = np.random.default_rng()  # unseeded: the noise must not be predictable
-
-    def aggregate(self, global_arrays: list[np.ndarray], client_arrays: list[list[np.ndarray]]):
-        """(new global arrays, {"clipped": count, "update_norms": [...]}): global + mean clipped update + noise."""
-        total = [np.zeros_like(g, dtype=np.float64) for g in global_arrays]
-        norms = []
-        for arrays in client_arrays:
-            delta = [a.astype(np.float64) - g for a, g in zip(arrays, global_arrays)]
-            norm = float(np.sqrt(sum((d * d).sum() for d in delta)))
-            norms.append(round(norm, 6))
-            scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
-            for t, d in zip(total, delta):
-                t += d * scale
-        std = self.noise * self.clip / self.m
-        new = [(g + t / self.m + self.rng.normal(0.0, std, g.shape)).astype(g.dtype)
-               for g, t in zip(global_arrays, total)]
-        return new, {"clipped": sum(n > self.clip for n in norms), "update_norms": norms}
-
-    def epsilon(self, rounds_done: int) -> float:
-        return privacy.spent_epsilon(self.noise, self.sample_rate, rounds_done, self.delta, "rdp")
-
-    def summary(self, rounds_done: int) -> dict:
-        return {"level": "client", "target_epsilon": self.target, "delta": self.delta, "clip": self.clip,
-                "noise_multiplier": self.noise, "clients_per_round": self.m, "sample_rate": self.sample_rate,
-                "planned_rounds": self.rounds, "rounds": rounds_done, "accountant": "rdp",
-                "epsilon_spent": self.epsilon(rounds_done)}
 
 
 def parse_split(split: str) -> tuple[str, float | None]:
@@ -277,10 +245,12 @@ def make_client(fc: FederateConfig, shard: int | None, p: dict | None = None):
                              device="cpu", dtype="float32", progress=False)
             t0 = time.time()
             res = train(model, loader, loss_fn, tc)
-            print(f"{name}: round {rnd}: {tc.max_steps} local steps, train_loss {res['train_loss']:.4f} "
-                  f"({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
-            return get_weights(model, keys), len(examples), {"train_loss": float(res["train_loss"]),
-                                                             "client": client_id}
+            private = bool(config.get("dp"))  # client-level DP: the loss is this client's data; it stays here
+            loss = "" if private else f", train_loss {res['train_loss']:.4f}"
+            print(f"{name}: round {rnd}: {tc.max_steps} local steps{loss} ({time.time() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
+            return get_weights(model, keys), len(examples), \
+                {"client": client_id, **({} if private else {"train_loss": float(res["train_loss"])})}
 
         def evaluate(self, parameters, config):
             return 0.0, len(examples), {}
@@ -333,7 +303,7 @@ def wait_for_server(address: str, timeout: float) -> None:
 
 def _strategy(fc: FederateConfig, p: dict, log_row, dp: ClientDP | None = None):
     """FedAvg or FedProx that evaluates the global adapter after each round and logs clients, failures and bytes."""
-    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server.strategy import FedAvg, FedProx
 
     model, keys = p["lm"].model, p["keys"]
@@ -345,6 +315,8 @@ def _strategy(fc: FederateConfig, p: dict, log_row, dp: ClientDP | None = None):
 
     class Strategy(base):
         final: list | None = None
+        current: list | None = None
+        pending: list | None = None
 
         def configure_fit(self, server_round, parameters, client_manager):
             if server_round == 1:  # start when every expected client is there; later rounds use those still there
@@ -354,15 +326,22 @@ def _strategy(fc: FederateConfig, p: dict, log_row, dp: ClientDP | None = None):
                           f"within {fc.connect_timeout:.0f} s; going on with them", file=sys.stderr, flush=True)
             if client_manager.num_available() == 0:
                 raise ValueError(f"round {server_round}: no client is connected (local runs: see OUT/client-logs)")
-            ins = super().configure_fit(server_round, parameters, client_manager)
+            if dp is None:
+                ins = super().configure_fit(server_round, parameters, client_manager)
+            else:  # Poisson sampling at the accountant's q, not Flower's fixed-size sample of those still there
+                if self.pending is not None:  # the last round sampled no one: its noised adapter is the global one
+                    parameters = ndarrays_to_parameters(self.pending)
+                config = {"proximal_mu": fc.mu} if fc.strategy == "fedprox" else {}
+                ins = [(c, FitIns(parameters, dict(config))) for c in dp.sample(list(client_manager.all().values()))]
+                self.current, self.pending = parameters_to_ndarrays(parameters), None
+                if not ins:  # Flower skips a round with no client: release the noised adapter all the same
+                    self.pending = dp.aggregate(self.current, [])[0]
             for _, fit_ins in ins:
                 fit_ins.config.update({"server_round": server_round, "local_steps": fc.local_steps,
-                                       **({"id2label": id2label} if id2label else {})})
+                                       **({"id2label": id2label} if id2label else {}), **({"dp": 1} if dp else {})})
             size = sum(len(t) for t in parameters.tensors)
             rows[server_round] = {"round": server_round, "clients_sampled": len(ins),
                                   "bytes_sent": size * len(ins), "t0": time.time()}
-            if dp is not None:
-                self.current = parameters_to_ndarrays(parameters)
             return ins
 
         def aggregate_fit(self, server_round, results, failures):
@@ -370,7 +349,7 @@ def _strategy(fc: FederateConfig, p: dict, log_row, dp: ClientDP | None = None):
             row["clients_ok"], row["clients_failed"] = len(results), len(failures)
             row["bytes_received"] = sum(len(t) for _, r in results for t in r.parameters.tensors)
             row["client_train_loss"] = {str(r.metrics.get("client", i)): round(float(r.metrics["train_loss"]), 6)
-                                        for i, (_, r) in enumerate(results)}
+                                        for i, (_, r) in enumerate(results) if "train_loss" in r.metrics}
             row["client_examples"] = {str(r.metrics.get("client", i)): r.num_examples
                                       for i, (_, r) in enumerate(results)}
             if failures:
@@ -384,17 +363,23 @@ def _strategy(fc: FederateConfig, p: dict, log_row, dp: ClientDP | None = None):
             if dp is None:
                 return super().aggregate_fit(server_round, results, failures)
             new, info = dp.aggregate(self.current, [parameters_to_ndarrays(r.parameters) for _, r in results])
-            row.update(dp_clipped=info["clipped"], update_norms=info["update_norms"],
-                       epsilon=round(dp.epsilon(server_round), 4))
+            print(f"server: round {server_round}: {info['clipped']} of {len(results)} update(s) clipped",
+                  file=sys.stderr, flush=True)  # the curator's console; metrics.jsonl gets none of it
             return ndarrays_to_parameters(new), {}
 
     def evaluate_fn(server_round, arrays, config):
+        if getattr(strategy, "pending", None) is not None:  # a DP round that sampled no client
+            arrays = strategy.pending
         set_weights(model, keys, arrays)
         ev = evaluate(model, val, p["loss"], len(val), None, torch.device("cpu"))
         row = rows.get(server_round, {"round": server_round})
         row.update({k: round(float(v), 6) for k, v in ev.items()})
         if "t0" in row:
             row["seconds"] = round(time.time() - row.pop("t0"), 2)
+        if dp is not None:  # only what the accountant covers: the noised adapter's score on the server's own data
+            row = {"round": server_round, **{k: v for k, v in row.items() if k.startswith("val_")}}
+            if server_round:
+                row["epsilon"] = round(dp.epsilon(server_round), 4)
         strategy.final = arrays
         log_row(row)
         acc = f", val_acc {ev['val_acc']:.4f}" if "val_acc" in ev else ""
@@ -499,10 +484,11 @@ def federate(fc: FederateConfig, role: str = "local", listen: str | None = None)
     plot_rounds(rows, out / "federate.png")
     last = rows[-1]
     result = {k: v for k, v in last.items() if k.startswith("val_")}
-    result.update(rounds=len(rows) - 1, wall_seconds=round(wall, 2),
-                  bytes_sent=sum(r.get("bytes_sent", 0) for r in rows),
-                  bytes_received=sum(r.get("bytes_received", 0) for r in rows),
-                  client_failures=sum(r.get("clients_failed", 0) for r in rows))
+    result.update(rounds=len(rows) - 1, wall_seconds=round(wall, 2))
+    if dp is None:  # under client-level DP the rows hold no per-round client counts or bytes
+        result.update(bytes_sent=sum(r.get("bytes_sent", 0) for r in rows),
+                      bytes_received=sum(r.get("bytes_received", 0) for r in rows),
+                      client_failures=sum(r.get("clients_failed", 0) for r in rows))
     if dp is not None:
         summary = dp.summary(len(rows) - 1)
         result["epsilon"] = summary["epsilon_spent"]
@@ -540,7 +526,8 @@ def plot_rounds(rows: list[dict], path) -> None:
             b.axvline(row["round"], color="red", ls=":", lw=1)
     b.set_xlabel("round")
     b.set_ylabel("local train loss (last step)")
-    b.set_title("clients (red line: a client failed)")
+    b.set_title("clients (red line: a client failed)" if clients or "epsilon" not in rows[-1] else
+                "per-client losses are not released under client-level DP")
     from matplotlib.ticker import MaxNLocator
 
     for ax in (a, b):

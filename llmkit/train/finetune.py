@@ -36,6 +36,13 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None, dp=None):
         dp.check()
         privacy.check_compatible(method=fc.method, grad_accum=tc.grad_accum, resume=tc.resume, compile=tc.compile,
                                  fsdp=tc.fsdp)
+        if not fc.val_data:  # a split of the private --data would be scored, logged and used outside epsilon
+            if tc.early_stopping:
+                raise ValueError("--early-stopping under DP-SGD needs a public --val-data: scoring a held-out part "
+                                 "of the private --data is not covered by epsilon")
+            fc.val_fraction = 0.0  # no validation: every example trains, nothing private is scored
+            print("DP-SGD without --val-data: validation is off (pass a public --val-data to validate)",
+                  file=sys.stderr)
     p = prepare(fc)
     lm, model, tok = p["lm"], p["lm"].model, p["lm"].tokenizer
     pad = pad_id_for(tok, model.config)
@@ -45,7 +52,7 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None, dp=None):
         tc.max_steps = max(1, round((epochs or 1.0) * len(train_data) / max(1, tc.grad_accum)))
     if tc.warmup_steps < 0:
         tc.warmup_steps = max(1, tc.max_steps * 3 // 100)
-    val_data = ExampleLoader(p["val"], fc.batch_size, pad, shuffle=False)
+    val_data = ExampleLoader(p["val"], fc.batch_size, pad, shuffle=False) if p["val"] else None
     base = fc.model if fc.model == "default" else str(Path(fc.model).resolve())
 
     def save_fn(d, m):
@@ -58,7 +65,8 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None, dp=None):
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     print(f"{p['task']} fine-tuning ({fc.method}): {len(p['train'])} train / {len(p['val'])} val examples, "
           f"{trainable:,} of {model.num_params():,} parameters trainable", file=sys.stderr)
-    tc.eval_steps = max(tc.eval_steps, len(val_data))  # the whole validation set, every time
+    if val_data is not None:
+        tc.eval_steps = max(tc.eval_steps, len(val_data))  # the whole validation set, every time
     run = {"finetune": {**fc.__dict__, "task": p["task"], "n_train": len(p["train"]), "n_val": len(p["val"]),
                         "truncated": p["truncated"]}}
     wrap = None
@@ -66,13 +74,13 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None, dp=None):
         wrap = privacy.DPTraining(dp, p["train"], lambda ex: collate(ex, pad), fc.batch_size, tc.max_steps)
         loss = privacy.per_example_classify_loss if p["task"] == "classify" else privacy.per_example_clm_loss
         tc.grad_clip = 0.0
-        run["dp"] = wrap.summary()
+        run["dp"] = {**wrap.summary(), "validation": "public --val-data (outside epsilon)" if fc.val_data else "off"}
     result = train(model, train_data, loss, tc, val_data=val_data, save_fn=save_fn, run_config=run, wrap=wrap,
                    val_loss_fn=val_loss)
     if dp is not None:
         privacy.undo_dp_ready(model)
-        _record_dp(out, wrap.summary(), result)
-    if p["task"] == "classify":
+        _record_dp(out, {**wrap.summary(), "validation": run["dp"]["validation"]}, result)
+    if p["task"] == "classify" and p["val"]:
         result.update(report_classification(model, tok, p["val_texts"], p["val_golds"], fc.max_length, out))
     return result
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -138,6 +139,21 @@ def find_checkpoint(out) -> Path | None:
     return done[-1] if done else None
 
 
+def load_trainer_state(path) -> dict:
+    """A checkpoint's trainer_state.pt, read with weights_only=True: tensors, numbers, strings and containers only
+    (what the model, optimizer, data and RNG states hold), so a crafted file cannot run code when resumed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        why = next((l.strip() for l in first if "Unsupported global" in l), first[0] if first else "")
+        raise ValueError(f"--resume: {path} holds more than tensors and plain values, refused (weights_only=True"
+                         f"{': ' + why if why else ''})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"--resume: {path} is not a trainer state (a {type(state).__name__}, not a dict)")
+    return state
+
+
 def _full_state(model, optimizer, fsdp: bool):
     if not fsdp:
         return model.state_dict(), optimizer.state_dict()
@@ -254,7 +270,7 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
     if cfg.resume:
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoints; start without --resume")
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = load_trainer_state(ckpt / "trainer_state.pt")
         saved_cfg, now = state.get("model_config"), _model_config(raw)
         if saved_cfg is not None and now is not None and saved_cfg != now:
             diff = sorted(k for k in set(saved_cfg) | set(now) if saved_cfg.get(k) != now.get(k))
@@ -450,6 +466,8 @@ def train(model: torch.nn.Module, train_data, loss_fn: Callable, cfg: TrainConfi
                     "tok_per_s": round(tps, 1), "time": round(elapsed, 2)}
             bar.set_postfix(loss=f"{last['train_loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
             if not eval_now:
+                if final and wrap_metrics is not None and val_data is None:  # no evaluation: the end carries them
+                    last.update(wrap_metrics())
                 log(last)
         if eval_now:
             ev = evaluate(raw, val_data, val_loss_fn or loss_fn, cfg.eval_steps, amp, device)

@@ -56,6 +56,8 @@ def prepare(fc: FinetuneConfig):
         vdata, vkind = read_task_data(fc.val_data)
         val_ex, _, vtexts, vgolds, vcut = build_examples(tok, vdata, vkind, task, fc, id2label, path=fc.val_data)
         cut += vcut
+    elif not fc.val_fraction:  # no validation (DP-SGD without a public --val-data): every example trains
+        val_ex, vtexts, vgolds = [], [], []
     else:
         (train_ex, texts, golds), (val_ex, vtexts, vgolds) = split_train_val(train_ex, fc.val_fraction, fc.seed,
                                                                              texts, golds)

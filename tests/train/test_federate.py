@@ -145,9 +145,9 @@ def test_server_and_clients_started_apart_with_client_level_dp(base, tmp_path):
     assert server.returncode == 0, stderr
     assert all(c.returncode == 0 for c in clients), client_err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2] and rows[1]["clients_ok"] == 2
+    assert [r["round"] for r in rows] == [0, 1, 2]
     assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"] <= 50
-    assert len(rows[2]["update_norms"]) == 2 and "dp_clipped" in rows[2]
+    assert all(set(r) <= {"round", "epsilon", "val_loss", "val_acc", "val_ppl"} for r in rows)  # no client's data
     dp = json.loads((out / "run_config.json").read_text())["dp"]
     assert dp["level"] == "client" and dp["rounds"] == 2 and dp["epsilon_spent"] == pytest.approx(rows[2]["epsilon"],
                                                                                                    abs=1e-3)

@@ -123,10 +123,18 @@ def _finetune(capsys, base, out, *extra):
     return SimpleNamespace(returncode=rc, stdout=r.out, stderr=r.err)
 
 
+def _public_val(tmp_path):
+    """A validation file that is not the private --data (three SST lines, standing in for public data)."""
+    lines = (DATA / "sst_train_30.tsv").read_text().splitlines()
+    path = tmp_path / "public_val.tsv"
+    path.write_text("\n".join([lines[0], *lines[-3:]]) + "\n")
+    return path
+
+
 def test_dp_finetune_logs_and_records_the_epsilon_spent(capsys, base, tmp_path):
     out = tmp_path / "dp"
     r = _finetune(capsys, base, out, "--max-steps", "6", "--eval-every", "3", "--dp-epsilon", "4", "--dp-delta", "1e-3",
-                  "--max-grad-norm", "0.5", "--dp-accountant", "rdp")
+                  "--max-grad-norm", "0.5", "--dp-accountant", "rdp", "--val-data", str(_public_val(tmp_path)))
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [row for row in rows if "val_loss" in row]
@@ -138,7 +146,7 @@ def test_dp_finetune_logs_and_records_the_epsilon_spent(capsys, base, tmp_path):
     again = privacy.spent_epsilon(dp["noise_multiplier"], dp["sample_rate"], 6, 1e-3, "rdp")
     assert dp["epsilon_spent"] == pytest.approx(again, rel=1e-6)
     assert 3.9 <= dp["epsilon_spent"] <= 4.0
-    assert dp["sample_rate"] == pytest.approx(1 / 7)  # 27 training examples, expected batch 4
+    assert dp["sample_rate"] == pytest.approx(1 / 8)  # 1 / batches: all 30 examples of --data train, batch 4
     assert f"epsilon {dp['epsilon_spent']:.4g}" in r.stdout and "spent epsilon" in r.stderr
     lm = load_model(out)  # an ordinary adapter folder
     assert lm.config.num_labels == 2
@@ -159,3 +167,30 @@ def test_dp_refusals_are_one_line_and_write_nothing(capsys, base, tmp_path, flag
     lines = r.stderr.strip().splitlines()
     assert message in lines[-1] and lines[-1].startswith("llmkit finetune: error:") and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_dp_finetune_never_scores_a_split_of_the_private_data(capsys, base, tmp_path):
+    """Without --val-data, DP-SGD validates nothing: no held-out part of the private file is scored, logged, or used
+    to pick a checkpoint or stop early (none of that would be covered by epsilon)."""
+    out = tmp_path / "dp"
+    r = _finetune(capsys, base, out, "--max-steps", "4", "--eval-every", "2", "--dp-epsilon", "8", "--dp-delta", "1e-3",
+                  "--dp-accountant", "rdp")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and not any(k.startswith("val_") or k.startswith("best") for row in rows for k in row)
+    assert 0 < rows[-1]["epsilon"] <= 8.0  # the last row still says what the run spent
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["finetune"]["n_val"] == 0 and cfg["finetune"]["n_train"] == 30 and cfg["dp"]["validation"] == "off"
+    assert not (out / "val_metrics.json").exists() and not (out / "confusion_matrix.png").exists()
+    assert "validation is off" in r.stderr and "val_" not in r.stdout
+    # early stopping needs a validation score: under DP only a public --val-data can give one
+    refused = tmp_path / "refused"
+    r = _finetune(capsys, base, refused, "--max-steps", "4", "--dp-epsilon", "8", "--early-stopping", "2")
+    assert r.returncode == 2 and "public --val-data" in r.stderr.strip().splitlines()[-1] and not refused.exists()
+    # with a public --val-data, validation runs and is marked as outside epsilon
+    pub = tmp_path / "pub"
+    r = _finetune(capsys, base, pub, "--max-steps", "2", "--eval-every", "2", "--dp-epsilon", "8", "--dp-delta",
+                  "1e-3", "--val-data", str(_public_val(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    assert "val_loss" in json.loads((pub / "metrics.jsonl").read_text().splitlines()[-1])
+    assert json.loads((pub / "run_config.json").read_text())["dp"]["validation"].startswith("public --val-data")

@@ -205,9 +205,13 @@ def test_dp_and_plain_runs_report_the_same_validation_loss(base, tmp_path):
     pytest.importorskip("opacus")
     from llmkit.train.dp import DPConfig
 
+    lines = CHAT.read_text().splitlines()  # under DP validation data must be public: a file of its own
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    (tmp_path / "val.jsonl").write_text("\n".join(lines[4:]) + "\n")
+
     def run(name, dp):
-        fc = FinetuneConfig(model=str(base), out=str(tmp_path / name), data=str(CHAT), batch_size=2,
-                            val_fraction=0.34, max_length=256, lora_dropout=0.0)
+        fc = FinetuneConfig(model=str(base), out=str(tmp_path / name), data=str(tmp_path / "train.jsonl"),
+                            val_data=str(tmp_path / "val.jsonl"), batch_size=2, max_length=256, lora_dropout=0.0)
         # lr 0: the model stays the base model (LoRA B starts at zero), so both runs validate the same model
         tc = TrainConfig(max_steps=1, lr=0.0, min_lr=0.0, warmup_steps=0, eval_every=1, device="cpu",
                          dtype="float32", out=str(tmp_path / name), progress=False)
