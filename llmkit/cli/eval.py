@@ -1,5 +1,5 @@
-"""Evaluation commands: `llmkit eval perplexity|choice|generate|classify|bias`, `llmkit lm-eval` and `llmkit classify`
-(label texts with a fine-tuned classifier)."""
+"""Evaluation commands: `llmkit eval perplexity|choice|generate|classify|bias|mlm`, `llmkit lm-eval` and
+`llmkit classify` (label texts with a fine-tuned classifier)."""
 from __future__ import annotations
 
 import argparse
@@ -16,14 +16,15 @@ from llmkit.cli.flags import Parser, model_flags, sampling_flags
 
 
 def add_eval(sub):
-    p = sub.add_parser("eval", help="evaluate a model: perplexity, choice, generate, classify, bias (JSON + tables)")
+    p = sub.add_parser("eval", help="evaluate a model: perplexity, choice, generate, classify, bias, mlm "
+                       "(JSON + tables)")
     esub = p.add_subparsers(dest="eval_command", required=True, parser_class=Parser)
 
-    def eval_flags(q, batch_size):
+    def eval_flags(q, batch_size, limit_help="first N records (perplexity: first N lines)"):
         model_flags(q, dtype="float32")  # scores in float32 (lm-eval parity) unless --dtype says otherwise
         q.add_argument("--data", required=True, help="data file")
         q.add_argument("--out", default=None, help="write the results JSON here (plots go beside it)")
-        q.add_argument("--limit", type=int, default=None, help="first N records (perplexity: first N lines)")
+        q.add_argument("--limit", type=int, default=None, help=limit_help)
         q.add_argument("--batch-size", type=int, default=batch_size, help="rows per forward pass")
         q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -58,6 +59,14 @@ def add_eval(sub):
     q.add_argument("--label-field", default="label", help="label index or label name")
     q.set_defaults(handler=cmd_eval_classify)
     add_eval_bias(esub)
+
+    q = esub.add_parser("mlm", help="masked LM: masked-token accuracy and loss (pretraining masking), "
+                        "pseudo-perplexity")
+    eval_flags(q, 8, "first N windows of each part (masked-accuracy windows, sentence windows)")
+    q.add_argument("--context", type=int, default=None, help="window length in tokens (default: min(256, the "
+                   "model's positions), pretraining's default --block-size)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the masks (as pretraining's --seed; default 0)")
+    q.set_defaults(handler=cmd_eval_mlm)
 
 
 def _eval_finish(args, res):
@@ -137,6 +146,19 @@ def cmd_eval_classify(args):
     lm = common.load(args, checks.classifier)
     res = evaluate_classify(lm, args.data, args.text_field, args.label_field, limit=args.limit,
                             batch_size=args.batch_size, progress=args.progress, plots=plots)
+    return _eval_finish(args, res)
+
+
+def cmd_eval_mlm(args):
+    from llmkit.data.corpus import read_texts
+    from llmkit.eval.mlm import evaluate_mlm, need_masked_lm
+
+    _eval_checks(args)
+    checks.input_file(args.data, "--data")
+    read_texts(args.data)  # bad data fails before the model loads
+    lm = common.load(args, need_masked_lm)
+    res = evaluate_mlm(lm, args.data, context=args.context, seed=args.seed, batch_size=args.batch_size,
+                       limit=args.limit, progress=args.progress)
     return _eval_finish(args, res)
 
 

@@ -529,7 +529,7 @@ def _progress(total, enabled, desc):
 HEADLINE = ["acc", "acc_norm", "acc_bytes", "macro_f1", "macro_f1_present", "macro_precision", "macro_recall",
             "bits_per_byte", "token_perplexity", "word_perplexity", "byte_perplexity", "mean_token_entropy",
             "mean_top1_prob", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "ece", "mce",
-            "brier"]
+            "brier", "masked_acc", "masked_top5_acc", "masked_loss", "pseudo_perplexity", "pll_per_token"]
 
 
 def markdown_table(results: dict) -> str:
