@@ -35,7 +35,8 @@ def add_serve(sub):
                    "outputs the policy flags wait for review (`llmkit guard review`; default: "
                    "$LLMKIT_HOME/review.db)")
     p.add_argument("--embedding-pooling", default="auto", choices=["auto", "mean", "last", "cls"],
-                   help="/v1/embeddings pooling (auto: cls for BERT-style encoders, mean otherwise)")
+                   help="/v1/embeddings pooling (auto: mean over non-padding tokens, for decoders and "
+                   "encoders alike; cls: BERT's first token)")
     p.set_defaults(handler=cmd_serve)
 
 
@@ -89,7 +90,10 @@ def cmd_serve(args):
     sock = _bind(cfg.host, cfg.port)  # a taken port fails now, not after the models load
     for name, spec in cfg.models.items():  # a missing or unusable model fails at start, not as 503s later
         lm = load_model(spec, dtype=cfg.dtype, device=cfg.device)
-        checks.generative(lm, "serving")
+        if lm.config.causal or lm.config.num_labels:
+            checks.generative(lm, "serving")
+        elif lm.tokenizer is None:  # an encoder serves /v1/embeddings only, and reads text through its tokenizer
+            raise ValueError(f"{lm.path} has no tokenizer.json; serving needs one beside the weights")
         cfg.models[name] = lm
     serve(cfg, sock=sock)
     return 0

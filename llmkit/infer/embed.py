@@ -1,9 +1,10 @@
 """Sentence embeddings from a model's hidden states: pooled, normalised, batched.
 
-Pooling: "mean" over real tokens (the default for decoders and encoders without a pooler), "last" (the last real
-token: what embedding-tuned decoders such as e5-mistral use), "cls" (the first token: the default for encoders with
-a pooler, i.e. BERT-style models). Vectors are L2-normalised; `dimensions` keeps the first d components and
-normalises again (OpenAI's shortening of text-embedding-3 vectors).
+Pooling: "mean" over real (non-padding) tokens (the default, for decoders and encoders alike, as sentence-embedding
+servers such as sentence-transformers and text-embeddings-inference pool), "last" (the last real token: what
+embedding-tuned decoders such as e5-mistral use), "cls" (the first token: BERT's [CLS]). Vectors are L2-normalised
+unless normalize=False; `dimensions` keeps the first d components (normalised again: OpenAI's shortening of
+text-embedding-3 vectors).
 """
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ POOLINGS = ("auto", "mean", "last", "cls")
 
 
 def default_pooling(config) -> str:
-    """cls for encoders with a pooler (BERT), mean otherwise."""
-    return "cls" if getattr(config, "pooler", False) and not config.causal else "mean"
+    """What "auto" means: mean over real tokens, for decoders and encoders (BERT-style) alike."""
+    return "mean"
 
 
 @torch.inference_mode()
 def embed(model, ids: list[list[int]], pooling: str = "auto", dimensions: int | None = None,
-          batch_size: int = 32) -> torch.Tensor:
-    """Token id lists -> (N, C or dimensions) float32 unit vectors; batches of similar length, right-padded."""
+          batch_size: int = 32, normalize: bool = True) -> torch.Tensor:
+    """Token id lists -> (N, C or dimensions) float32 vectors (unit length unless normalize=False); batches of
+    similar length, right-padded, so a batch gives each input the vector it gets alone."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     cfg = model.config
@@ -54,4 +56,4 @@ def embed(model, ids: list[list[int]], pooling: str = "auto", dimensions: int | 
     vecs = torch.stack(out)
     if dimensions is not None:
         vecs = vecs[:, :dimensions]
-    return torch.nn.functional.normalize(vecs, dim=-1).cpu()
+    return (torch.nn.functional.normalize(vecs, dim=-1) if normalize else vecs).cpu()

@@ -54,6 +54,8 @@ class _Collector:
         h_out = [HistogramMetricFamily(n, d, labels=lab) for n, d, _ in hists]
         for m in list(self.models.values()):
             s = m.scheduler
+            if s is None:  # an encoder: it embeds, it does not decode
+                continue
             g_run.add_metric([m.name], s.batch_size)
             g_wait.add_metric([m.name], s.queue_length)
             g_kv.add_metric([m.name], _kv_usage(s))
@@ -72,7 +74,8 @@ class _Collector:
             yield CounterMetricFamily("llmkit:http_requests", "HTTP requests to the API", value=self.http.requests)
             rej = CounterMetricFamily("llmkit:request_rejected", "Requests refused before decoding",
                                       labels=["reason"])
-            queue_full = sum(m.scheduler.stats.rejected for m in list(self.models.values()))
+            queue_full = sum(m.scheduler.stats.rejected for m in list(self.models.values())
+                             if m.scheduler is not None)
             rej.add_metric(["queue_full"], queue_full + self.http.rejected["queue_full"])
             for reason in ("rate_limit", "body_too_large"):
                 rej.add_metric([reason], self.http.rejected[reason])

@@ -247,6 +247,7 @@ class EmbeddingRequest(Strict):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1, le=1 << 16)] | None = None
     user: ShortText | None = None
+    normalize: bool = True  # an extension (text-embeddings-inference's field): false returns the raw pooled vectors
 
     def inputs(self) -> list:
         x = self.input

@@ -69,11 +69,21 @@ def error_response(status: int, message: str, param=None, code=None, headers=Non
 
 
 @dataclass
+class EncoderEngine:
+    """What the routes read of an Engine, for an encoder (BERT-style): it only embeds, so no KV cache and no
+    scheduler."""
+    model: object
+    tok: object
+    config: object
+
+
+@dataclass
 class Served:
-    """One model being served: its engine, scheduler and caches of compiled grammars."""
+    """One model being served: its engine, scheduler and caches of compiled grammars (an encoder: an EncoderEngine
+    and no scheduler)."""
     name: str
-    engine: Engine
-    scheduler: Scheduler
+    engine: Engine | EncoderEngine
+    scheduler: Scheduler | None
     grammars: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     embed_lock: threading.Lock = field(default_factory=threading.Lock)
     grammar_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -81,6 +91,18 @@ class Served:
     @property
     def context(self) -> int:
         return self.engine.config.max_position_embeddings
+
+    @property
+    def encoder(self) -> bool:
+        return self.scheduler is None
+
+    def generative(self, what: str) -> "Served":
+        """This model, if it generates text; an encoder answers 400 (it serves /v1/embeddings only)."""
+        if self.encoder:
+            raise APIError(400, f"model {self.name!r} is an encoder (a masked, BERT-style language model): it serves "
+                           f"/v1/embeddings only, not {what}; serve a causal (decoder) model for text generation",
+                           "model", "model_not_generative")
+        return self
 
 
 class ServerState:
@@ -113,6 +135,9 @@ class ServerState:
                 lm = spec if hasattr(spec, "model") else load_model(spec, dtype=self.cfg.dtype, device=self.cfg.device)
                 if lm.tokenizer is None:
                     raise ValueError(f"model {name!r} ({lm.path}) has no tokenizer; the server needs one")
+                if not lm.model.config.causal:  # an encoder: embeddings only
+                    self.models[name] = Served(name, EncoderEngine(lm.model, lm.tokenizer, lm.model.config), None)
+                    continue
                 engine = Engine(lm.model, lm.tokenizer, lm.generation_config, kv_cache_mb=self.cfg.kv_cache_mb,
                                 batch_invariant=self.cfg.batch_invariant)
                 self.models[name] = Served(name, engine, self._scheduler(engine))
@@ -131,7 +156,8 @@ class ServerState:
     def close(self):
         self._stop.set()
         for m in self.models.values():
-            m.scheduler.close()
+            if m.scheduler is not None:
+                m.scheduler.close()
 
     def _watch(self):
         while not self._stop.wait(1.0):
@@ -142,7 +168,7 @@ class ServerState:
         dead = []
         with self.lock:
             for m in self.models.values():
-                if m.scheduler.thread.is_alive() or m.scheduler._closed:
+                if m.scheduler is None or m.scheduler.thread.is_alive() or m.scheduler._closed:
                     continue
                 dead.append(m.name)
                 old = m.scheduler

@@ -116,7 +116,8 @@ CASES = [
      ["--port 99999", "1-65535"], None),
     ("serve-missing-model", lambda w: ["serve", "--model", w / "missing", "--port", "0"],
      ["model not found", "missing"], None),
-    ("serve-encoder", lambda w: ["serve", "--model", w / "bert", "--port", "0"], ["masked", "serving"], None),
+    ("serve-classifier", lambda w: ["serve", "--model", w / "cls", "--port", "0"], ["is a classifier", "classify"],
+     None),  # an encoder serves embeddings now (tests/serve/test_encoder_server.py)
     ("serve-port-taken", lambda w: ["serve", "--model", w / "llama", "--port", str(TAKEN["port"])],
      ["cannot listen on 127.0.0.1:", "choose another --port"], None),
     ("serve-key-file-folder", lambda w: ["serve", "--api-key-file", w / "a_folder"],

@@ -258,7 +258,7 @@ def chat_choice(i: int, r, req: ChatRequest, want_lp: bool, rg=None) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatRequest, request: Request, key=Depends(authorize)):
     st = state_of(request)
-    m = st.model(req.model)
+    m = st.model(req.model).generative("/v1/chat/completions")
     if req.n > st.cfg.max_n:
         raise APIError(400, f"'n' must be at most {st.cfg.max_n}, got {req.n}", "n")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": m.name,
@@ -341,7 +341,7 @@ def completion_prompts(m: Served, req: CompletionRequest, texts: list | None = N
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request, key=Depends(authorize)):
     st = state_of(request)
-    m = st.model(req.model)
+    m = st.model(req.model).generative("/v1/completions")
     if req.n > st.cfg.max_n:
         raise APIError(400, f"'n' must be at most {st.cfg.max_n}, got {req.n}", "n")
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),

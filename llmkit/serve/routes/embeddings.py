@@ -1,4 +1,5 @@
-"""POST /v1/embeddings: pooled, normalised hidden states of the served model (llmkit.infer.embed), float or base64."""
+"""POST /v1/embeddings: pooled hidden states of the served model (decoder or encoder; llmkit.infer.embed), L2-normalised
+unless the request says `"normalize": false`, float or base64."""
 from __future__ import annotations
 
 import base64
@@ -25,7 +26,7 @@ def _embed(m: Served, req: EmbeddingRequest, pooling: str):
                            "context_length_exceeded")
     try:
         with m.embed_lock:
-            vecs = embed(m.engine.model, ids, pooling, req.dimensions)
+            vecs = embed(m.engine.model, ids, pooling, req.dimensions, normalize=req.normalize)
     except ValueError as e:
         raise APIError(400, str(e), "dimensions") from None
     return vecs, sum(len(x) for x in ids)
