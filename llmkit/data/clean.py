@@ -368,25 +368,13 @@ def clean_files(inputs, out, cfg: CleanConfig, text_field: str = "text", unit: s
 
 def _documents(path: Path, text_field: str, unit: str, iter_documents):
     """(text, the whole record) for each record of a .jsonl file, (text, None) for each document of other formats."""
-    import json
-
     if path.suffix.lower() != ".jsonl":
         yield from ((d, None) for d in iter_documents(path, text_field, unit))
         return
-    from llmkit.data.corpus import _strict_lines
+    from llmkit.data.corpus import _strict_lines, jsonl_records
 
     with open(path, encoding="utf-8", newline="") as f:
-        for n, line in enumerate(_strict_lines(f, path), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(r, dict) or text_field not in r:
-                raise ValueError(f"{path}:{n}: record has no {text_field!r} field; pass --text-field")
-            if r[text_field]:
-                yield str(r[text_field]), r
+        yield from jsonl_records(_strict_lines(f, path), path, text_field)
 
 
 def clean_for_training(files, out_dir, cfg: CleanConfig, text_field: str = "text", unit: str = "doc") -> list[str]:

@@ -108,17 +108,7 @@ def iter_documents(path, text_field: str = "text", unit: str = "line"):
                 if row[text_field]:
                     yield row[text_field]
         elif suffix == ".jsonl":
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(r, dict) or text_field not in r:
-                    raise ValueError(f"{path}:{n}: record has no {text_field!r} field; pass --text-field")
-                if r[text_field]:
-                    yield str(r[text_field])
+            yield from (text for text, _ in jsonl_records(lines, path, text_field))
         elif unit == "line":
             yield from (line.rstrip("\r\n") for line in lines)
         else:
@@ -131,6 +121,21 @@ def iter_documents(path, text_field: str = "text", unit: str = "line"):
                     block = []
             if block:
                 yield "".join(block).rstrip("\r\n")
+
+
+def jsonl_records(lines, path, text_field: str = "text"):
+    """(text, record) for each non-blank line of a JSONL file whose text field is not empty; errors name the line."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(r, dict) or text_field not in r:
+            raise ValueError(f"{path}:{n}: record has no {text_field!r} field; pass --text-field")
+        if r[text_field]:
+            yield str(r[text_field]), r
 
 
 def _strict_lines(f, path):

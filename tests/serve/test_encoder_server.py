@@ -7,6 +7,7 @@ import httpx
 import pytest
 import torch
 
+from helpers import make_tiny_bert
 from llmkit.cli import main
 from llmkit.serve.app import BackgroundServer, ServeConfig
 
@@ -17,31 +18,7 @@ TEXTS = ["To be, or not to be: that is the question.", "Now is the winter", "O R
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    """A tiny BertForMaskedLM and a WordPiece tokenizer, both saved by transformers."""
-    import transformers
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    hf = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
-    hf.normalizer = normalizers.BertNormalizer(lowercase=True)
-    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    hf.decoder = decoders.WordPiece()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    hf.train_from_iterator(SHAKESPEARE.read_text().splitlines(),
-                           trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
-    hf.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", hf.token_to_id("[CLS]")), ("[SEP]", hf.token_to_id("[SEP]"))])
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=hf, pad_token="[PAD]", unk_token="[UNK]",
-                                               cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=hf.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
-                                  pad_token_id=hf.token_to_id("[PAD]"))
-    out = tmp_path_factory.mktemp("bert")
-    transformers.BertForMaskedLM(cfg).eval().save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return make_tiny_bert(tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture(scope="module")
