@@ -1,5 +1,5 @@
 """`llmkit <command>`: thin functions over the library. Each command group is a module of this package (generate,
-model, serve, data, train, eval, compress, trust, fill_mask) with an `add_<name>` per command (its flags; it sets
+model, serve, data, train, eval, compress, trust, fill_mask, tag) with an `add_<name>` per command (its flags; it sets
 `handler=`) and a `cmd_<name>` (the handler); flags.py holds the flags they share, common.py the helpers their
 handlers share and checks.py the argument checks. Handlers import torch and the heavy library inside, so `llmkit
 --help` stays fast."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from llmkit.cli import compress, data, fill_mask, generate, model, serve, train, trust
+from llmkit.cli import compress, data, fill_mask, generate, model, serve, tag, train, trust
 from llmkit.cli import eval as evaluate
 from llmkit.cli.common import remove_partial
 from llmkit.cli.flags import Parser
@@ -28,6 +28,7 @@ COMMANDS = {
     "finetune": train.add_finetune,
     "classify": evaluate.add_classify,
     "fill-mask": fill_mask.add_fill_mask,
+    "tag": tag.add_tag,
     "quantize": model.add_quantize,
     "explain": trust.add_explain,
     "guard": trust.add_guard,

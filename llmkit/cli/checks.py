@@ -81,8 +81,9 @@ def generative(lm, what="generation"):
         raise ValueError(f"{lm.path} is a masked (encoder, BERT-style) language model; {what} needs a causal "
                          "(decoder) model such as --model default")
     if cfg.num_labels:
-        raise ValueError(f"{lm.path} is a classifier ({cfg.num_labels} labels), not a language model; use "
-                         f"`llmkit classify --model {lm.path}` or `llmkit eval classify`")
+        use = "tag` or `llmkit eval tag" if cfg.tagger else "classify` or `llmkit eval classify"
+        raise ValueError(f"{lm.path} is a {'token tagger' if cfg.tagger else 'classifier'} ({cfg.num_labels} labels), "
+                         f"not a language model; use `llmkit {use}` (--model {lm.path})")
     if lm.tokenizer is None:
         raise ValueError(f"{lm.path} has no tokenizer.json; {what} needs one beside the weights")
 
@@ -92,6 +93,8 @@ def classifier(lm):
     if not lm.config.num_labels:
         raise ValueError(f"{lm.path} has no classification head; fine-tune one with `llmkit finetune --task "
                          "classify`, or use `llmkit generate` for a language model")
+    if lm.config.tagger:
+        raise ValueError(f"{lm.path} is a token tagger, not a text classifier; use `llmkit tag` or `llmkit eval tag`")
     if lm.tokenizer is None:
         raise ValueError(f"{lm.path} has no tokenizer.json; classification needs one beside the weights")
 

@@ -1,4 +1,4 @@
-"""Evaluation commands: `llmkit eval perplexity|choice|generate|classify|bias|mlm`, `llmkit lm-eval` and
+"""Evaluation commands: `llmkit eval perplexity|choice|generate|classify|bias|mlm|tag`, `llmkit lm-eval` and
 `llmkit classify` (label texts with a fine-tuned classifier)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from llmkit.cli.flags import Parser, model_flags, sampling_flags
 
 
 def add_eval(sub):
-    p = sub.add_parser("eval", help="evaluate a model: perplexity, choice, generate, classify, bias, mlm "
+    p = sub.add_parser("eval", help="evaluate a model: perplexity, choice, generate, classify, bias, mlm, tag "
                        "(JSON + tables)")
     esub = p.add_subparsers(dest="eval_command", required=True, parser_class=Parser)
 
@@ -67,6 +67,13 @@ def add_eval(sub):
                    "model's positions), pretraining's default --block-size)")
     q.add_argument("--seed", type=int, default=0, help="seed of the masks (as pretraining's --seed; default 0)")
     q.set_defaults(handler=cmd_eval_mlm)
+
+    q = esub.add_parser("tag", help="a tagger's entity-level precision, recall, F1 (micro and per type; seqeval's "
+                        "default mode) on CoNLL or JSONL {tokens, tags}")
+    eval_flags(q, 32, "first N sentences")
+    q.add_argument("--max-length", type=int, default=512, help="tokens per sentence (words beyond are tagged O)")
+    q.add_argument("--predictions", default=None, help="write token<TAB>gold<TAB>predicted here (conlleval layout)")
+    q.set_defaults(handler=cmd_eval_tag)
 
 
 def _eval_finish(args, res):
@@ -160,6 +167,28 @@ def cmd_eval_mlm(args):
     res = evaluate_mlm(lm, args.data, context=args.context, seed=args.seed, batch_size=args.batch_size,
                        limit=args.limit, progress=args.progress)
     return _eval_finish(args, res)
+
+
+def cmd_eval_tag(args):
+    from llmkit.data.conll import read_tagged
+    from llmkit.eval.tag import evaluate_tag, format_scores
+    from llmkit.infer.tag import check_tagger
+    from llmkit.utils.io import write_results
+
+    _eval_checks(args)
+    checks.at_least(args, 1, "--max-length")
+    checks.input_file(args.data, "--data")
+    checks.output_file(args.predictions, "--predictions")
+    read_tagged(args.data)  # bad data fails before the model loads
+    lm = common.load(args, check_tagger)
+    res = evaluate_tag(lm, args.data, max_length=args.max_length, batch_size=args.batch_size, limit=args.limit,
+                       progress=args.progress, predictions=args.predictions)
+    if args.out:
+        write_results(args.out, res)
+        print(f"[wrote {args.out}]", file=sys.stderr)
+    print(f"tag on {res['data']} ({res['n']} sentences, {res['n_tokens']} tokens, {res['seconds']:.1f} s)")
+    print(format_scores(res))
+    return 0
 
 
 def add_eval_bias(esub):

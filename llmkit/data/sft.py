@@ -1,7 +1,8 @@
 """Fine-tuning data: read a task file, tokenize it (loss masks for chat), batch it.
 
 Tasks: chat (OpenAI-style {"messages": [...]}), instruct (Alpaca instruction/input/output, rendered through the
-model's own chat template), classify (CSV/TSV/JSONL text + label), text (plain-text continued pretraining).
+model's own chat template), classify (CSV/TSV/JSONL text + label), tag (CoNLL or JSONL tokens + IOB2/IOBES tags:
+data.conll), text (plain-text continued pretraining).
 Chat and instruct train on assistant tokens only: each assistant turn's span is found by rendering the conversation
 up to that turn with add_generation_prompt=True, then up to and including it, with the model's own template; inside
 it the reply's tokens and its end-of-turn token are trained (see assistant_mask).
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from llmkit.data.conll import looks_like_conll, sentences, tag_examples
 from llmkit.data.corpus import IGNORE
 from llmkit.infer.classify import encode_texts, pad_batch
 from llmkit.utils.io import read_utf8
 
-TASKS = ("chat", "instruct", "classify", "text")
+TASKS = ("chat", "instruct", "classify", "tag", "text")
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
 LABEL_COLUMNS = ("label", "labels", "class", "category", "sentiment")
 
@@ -61,10 +63,12 @@ def read_task_data(path) -> tuple[list, str]:
 
 
 def detect_task(data, kind: str) -> str:
-    """chat / instruct / classify / text from a file's records."""
+    """chat / instruct / classify / tag / text from a file's records."""
     if kind == "text":
-        return "text"
+        return "tag" if looks_like_conll(data) else "text"
     first = data[0]
+    if "tokens" in first and "tags" in first:
+        return "tag"
     if "messages" in first:
         return "chat"
     if "instruction" in first:
@@ -360,6 +364,8 @@ def build_examples(tok, data, kind: str, task: str, fc, id2label=None, path="") 
         texts, golds, id2label = read_classification(path, fc.text_column, fc.label_column, id2label)
         ids, cut = encode_texts(tok, texts, fc.max_length)
         return [{"input_ids": x, "labels": y} for x, y in zip(ids, golds)], id2label, texts, golds, cut
+    if task == "tag":
+        return tag_examples(tok, sentences(data, kind, path), fc.max_length, id2label, path)
     if task == "text":
         text = data if kind == "text" else "\n\n".join(str(r.get("text", "")) for r in data)
         ids = tok.encode(text, add_special_tokens=False)

@@ -40,8 +40,9 @@ def predict_proba(model, tok, texts: list[str], max_length: int = 512, batch_siz
     """Class probabilities (N, num_labels) of a classifier for each text (on the CPU)."""
     from tqdm import tqdm
 
-    if not model.config.num_labels:
-        raise ValueError("this model has no classification head; fine-tune one with `llmkit finetune --task classify`")
+    if not model.config.num_labels or model.config.tagger:
+        raise ValueError("this model has no sequence-classification head; fine-tune one with `llmkit finetune --task "
+                         "classify`")
     pad = pad_id_for(tok, model.config)
     device = next(model.parameters()).device
     was_training = model.training

@@ -51,6 +51,8 @@ def unused_parts(cfg: ModelConfig) -> tuple[str, ...]:
     BERT checkpoints keep it, so that a classifier fine-tuned from the folder starts from the same pooler in llmkit
     and in transformers; BertForMaskedLM reports those two tensors as unused). Loading initialises them fresh if a
     task needs them and the folder has none."""
+    if cfg.tagger:  # a token classifier (BertForTokenClassification has no pooler either)
+        return ("lm_head.", "mlm_", "pooler.")
     return ("lm_head.", "mlm_") if cfg.num_labels else ("pooler.",)
 
 

@@ -45,6 +45,7 @@ class ModelConfig:
     pooler: bool = False  # BERT pooler (dense + tanh on [CLS]) for classification
     num_labels: int = 0  # > 0 adds a sequence-classification head
     id2label: dict[str, str] | None = None
+    tagger: bool = False  # with num_labels: the head labels every token (token classification, NER)
     # regularisation
     dropout: float = 0.0  # embeddings, residual branches, classifier
     attn_dropout: float = 0.0

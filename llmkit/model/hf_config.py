@@ -68,7 +68,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.num_labels:
         id2label = cfg.id2label or {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
         common.update(id2label=id2label, label2id={v: int(k) for k, v in id2label.items()})
-    head = "SequenceClassification" if cfg.num_labels else None
+    head = ("TokenClassification" if cfg.tagger else "SequenceClassification") if cfg.num_labels else None
     if cfg.family == "llama":
         if cfg.qkv_bias and not cfg.o_bias:
             mt, arch = "qwen2", "Qwen2"
@@ -125,8 +125,8 @@ def _ids(v):
 
 def _labels(hf: dict) -> dict:
     arch = " ".join(hf.get("architectures") or [])
-    if "SequenceClassification" not in arch:
+    if "SequenceClassification" not in arch and "TokenClassification" not in arch:
         return {}
     id2label = {str(k): v for k, v in (hf.get("id2label") or {}).items()}
     n = hf.get("num_labels") or len(id2label) or 2
-    return dict(num_labels=n, id2label=id2label or None)
+    return dict(num_labels=n, id2label=id2label or None, tagger="TokenClassification" in arch)

@@ -168,15 +168,17 @@ def lora_state_dict(model: Transformer, extra: tuple[str, ...] = ()) -> dict:
     return {k: v for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k or k.split(".")[0] in extra}
 
 
-def add_classifier(model: Transformer, id2label: dict[str, str]) -> Transformer:
-    """Give the model a fresh sequence-classification head (`score`) for the labels, unless it has that one."""
+def add_classifier(model: Transformer, id2label: dict[str, str], tagger: bool = False) -> Transformer:
+    """Give the model a fresh classification head (`score`) for the labels, unless it has that one: a sequence
+    classifier, or with tagger=True a token classifier (a label for every token, forward(head="tag"))."""
     cfg = model.config
     id2label = {str(k): str(v) for k, v in id2label.items()}
-    if cfg.num_labels == len(id2label) and (cfg.id2label or {}) == id2label and hasattr(model, "score"):
+    if cfg.num_labels == len(id2label) and (cfg.id2label or {}) == id2label and cfg.tagger == tagger \
+            and hasattr(model, "score"):
         return model
-    model.config = cfg.replace(num_labels=len(id2label), id2label=id2label)
+    model.config = cfg.replace(num_labels=len(id2label), id2label=id2label, tagger=tagger)
     w = model.embed_tokens.weight
-    model.score = nn.Linear(cfg.n_embd, len(id2label), bias=cfg.pooler, device=w.device, dtype=w.dtype)
+    model.score = nn.Linear(cfg.n_embd, len(id2label), bias=cfg.pooler or tagger, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         model.score.weight.normal_(0.0, cfg.initializer_range)
         if model.score.bias is not None:
@@ -217,8 +219,9 @@ def save_adapter(out_dir, model: Transformer, lora: LoRAConfig, base: str, token
     if cfg.family != "llama":  # BERT/GPT-2 module names repeat ("dense"), so list each module by its full name
         modules = sorted({hf_module(cfg, n) for n, m in model.named_modules() if isinstance(m, LoRALinear)})
     hf_extra = [hf_module(cfg, e) for e in extra]
+    task = ("TOKEN_CLS" if cfg.tagger else "SEQ_CLS") if cfg.num_labels else "CAUSAL_LM"
     config = {
-        "peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.num_labels else "CAUSAL_LM",
+        "peft_type": "LORA", "task_type": task,
         "base_model_name_or_path": base, "r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
         "target_modules": modules, "modules_to_save": hf_extra or None, "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "use_rslora": lora.use_rslora, "use_dora": False,
@@ -227,7 +230,8 @@ def save_adapter(out_dir, model: Transformer, lora: LoRAConfig, base: str, token
     }
     # what llmkit needs to rebuild the model and to refuse a different base model (own file: peft warns on extra keys)
     meta = {"targets": list(lora.targets), "layers": lora.layers, "modules_to_save": list(extra),
-            "base_fingerprint": fingerprint(cfg), "num_labels": cfg.num_labels, "id2label": cfg.id2label}
+            "base_fingerprint": fingerprint(cfg), "num_labels": cfg.num_labels, "id2label": cfg.id2label,
+            "tagger": cfg.tagger}
     for name, obj in ((META, meta), ("adapter_config.json", config)):
         write_atomic(out / name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
     if tokenizer is not None:
@@ -290,7 +294,8 @@ def attach_adapter(model: Transformer, path, ac: dict | None = None) -> Transfor
         diff = ", ".join(f"{k} {fp.get(k)} vs {v}" for k, v in fingerprint(cfg).items() if fp.get(k) != v)
         raise ValueError(f"adapter {path} was trained for a different base model ({diff})")
     if meta.get("num_labels"):
-        add_classifier(model, meta.get("id2label") or {str(i): f"LABEL_{i}" for i in range(meta["num_labels"])})
+        add_classifier(model, meta.get("id2label") or {str(i): f"LABEL_{i}" for i in range(meta["num_labels"])},
+                       tagger=bool(meta.get("tagger")))
     targets = meta.get("targets") or _targets_from_peft(ac["target_modules"])
     lora = LoRAConfig(r=int(ac["r"]), alpha=float(ac["lora_alpha"]), dropout=float(ac.get("lora_dropout", 0.0)),
                       targets=targets, layers=meta.get("layers", ac.get("layers_to_transform")),

@@ -95,6 +95,8 @@ def to_hf_names(cfg: ModelConfig, sd: dict) -> dict:
             continue
         if cfg.family == "gpt2" and name.endswith(".weight") and any(s in name for s in GPT2_CONV):
             v = v.T.contiguous()
+        if cfg.family == "gpt2" and cfg.tagger and name.startswith("score."):
+            name = "classifier." + name.removeprefix("score.")  # GPT2ForTokenClassification's name
         out[name] = v
     return out
 
@@ -113,6 +115,8 @@ def from_hf_names(cfg: ModelConfig, sd: dict) -> dict:
     for k, v in sd.items():
         if cfg.family == "bert" and not k.startswith(("bert.", "cls.", "classifier.")):
             k = "bert." + k  # BertModel checkpoints have no prefix
+        if cfg.family == "gpt2" and k.startswith("classifier."):  # GPT2ForTokenClassification's head
+            k = "score." + k.removeprefix("classifier.")
         if cfg.family == "gpt2" and not k.startswith(("transformer.", "lm_head.", "score.")):
             k = "transformer." + k
         if k.endswith((".attn.bias", ".attn.masked_bias")) or k.endswith("position_ids"):
@@ -138,6 +142,8 @@ def hf_module(cfg: ModelConfig, name: str) -> str:
     """llmkit module name (layers.0.self_attn.q_proj) -> the module's name inside the Hugging Face model."""
     if cfg.family == "llama":
         return name if name == "score" else "model." + name
+    if cfg.family == "gpt2" and cfg.tagger and name == "score":
+        return "classifier"
     hf = rename(name + ".weight", GPT2 if cfg.family == "gpt2" else BERT)
     if hf is None:
         raise ValueError(f"module {name} has no Hugging Face name for a {cfg.family} model")

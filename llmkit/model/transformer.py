@@ -36,7 +36,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if x.dtype == torch.float32:  # one fused op; same arithmetic as below
-            return F.rms_norm(x, (x.shape[-1],), self.weight.float(), eps=self.eps)
+            w = self.weight
+            return F.rms_norm(x, (x.shape[-1],), w if w.dtype == torch.float32 else w.float(), eps=self.eps)
         # computed in float32 as transformers' LlamaRMSNorm does, then cast back before the weight
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -120,7 +121,8 @@ class Attention(nn.Module):
             qkv = qkv.view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
             qk, v = qkv.split([H + Hkv, Hkv], 1)
             if rope is not None:  # queries and keys rotated in one go
-                qk = apply_rope(qk, *rope).to(v.dtype)
+                qk = apply_rope(qk, *rope)
+                qk = qk if qk.dtype == v.dtype else qk.to(v.dtype)
             q, k = qk.split([H, Hkv], 1)
         else:
             q = linear(self.q_proj, x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, D)
@@ -289,7 +291,7 @@ class Transformer(nn.Module):
         if cfg.pooler:
             self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd, device=d)
         if cfg.num_labels:
-            self.score = nn.Linear(cfg.n_embd, cfg.num_labels, bias=cfg.pooler, device=d)
+            self.score = nn.Linear(cfg.n_embd, cfg.num_labels, bias=cfg.pooler or cfg.tagger, device=d)
         if str(d) != "meta":
             self.apply(self._init_weights)
         if cfg.tie_word_embeddings:
@@ -339,7 +341,8 @@ class Transformer(nn.Module):
     # -----------------------------------------------------------------------------------------------------------
     def forward(self, input_ids, *, attention_mask=None, positions=None, token_type_ids=None,
                 cache: KVCache | PackedKV | None = None, head: str = "lm", last_only: bool = False):
-        """input_ids (B, T) -> logits (B, T, V) for head="lm", (B, num_labels) for "classify", (B, T, C) for "hidden".
+        """input_ids (B, T) -> logits (B, T, V) for head="lm", (B, num_labels) for "classify", (B, T, num_labels) for
+        "tag" (a token classifier), (B, T, C) for "hidden".
 
         attention_mask (B, T): 1 for real tokens, 0 for padding. With a cache, tokens are written after each row's
         previous ones and attend to them. With a PackedKV, input_ids (1, N) holds several rows' new tokens back to back.
@@ -392,6 +395,8 @@ class Transformer(nn.Module):
             return x
         if head == "classify":
             return self.classify(x, input_ids, real)
+        if head == "tag":
+            return linear(self.score, self.drop(x))
         if last_only:
             x = x[:, -1:]
         if cfg.mlm_transform:

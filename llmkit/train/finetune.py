@@ -1,9 +1,10 @@
 """Fine-tuning recipe: prepare the model and data (setup.py, data.sft), run train.py's loop, save, report.
 
 Tasks: chat (OpenAI-style {"messages": [...]}), instruct (Alpaca instruction/input/output, rendered through the
-model's own chat template), classify (CSV/TSV/JSONL text + label), text (plain-text continued pretraining).
-Chat and instruct train on assistant tokens only (data.sft builds the loss masks); classify adds a head and reports
-accuracy, per-class P/R/F1 and the confusion matrix on the validation set.
+model's own chat template), classify (CSV/TSV/JSONL text + label), tag (CoNLL/JSONL words + IOB2/IOBES tags),
+text (plain-text continued pretraining). Chat and instruct train on assistant tokens only (data.sft builds the loss
+masks); classify adds a head and reports accuracy, per-class P/R/F1 and the confusion matrix on the validation set;
+tag adds a token-classification head (each word's first sub-token) and reports entity-level P/R/F1.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from pathlib import Path
 
 from llmkit.data.sft import ExampleLoader, collate
 from llmkit.eval.metrics import classification_metrics, plot_confusion_matrix
+from llmkit.eval.tag import format_scores, score_tagger
 from llmkit.infer.classify import pad_id_for, predict_proba
 from llmkit.model import lora as lora_lib
 from llmkit.model.checkpoint import save_model
 from llmkit.train import dp as privacy
 from llmkit.train.loop import setup_distributed, train
-from llmkit.train.losses import classify_loss, clm_loss
+from llmkit.train.losses import classify_loss, clm_loss, tag_loss
 from llmkit.train.setup import FinetuneConfig, prepare
 from llmkit.utils.io import write_json
 
@@ -44,6 +46,8 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None, dp=None):
             print("DP-SGD without --val-data: validation is off (pass a public --val-data to validate)",
                   file=sys.stderr)
     p = prepare(fc)
+    if dp is not None and p["task"] == "tag":
+        raise ValueError("--dp-epsilon does not support --task tag yet (DP-SGD trains chat, instruct, classify, text)")
     lm, model, tok = p["lm"], p["lm"].model, p["lm"].tokenizer
     pad = pad_id_for(tok, model.config)
     rank, world, _ = setup_distributed(tc.device)  # under torchrun each rank trains on its slice of every batch
@@ -61,7 +65,7 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None, dp=None):
         else:
             save_model(d, m, tok, lm.generation_config)
 
-    loss = val_loss = classify_loss if p["task"] == "classify" else clm_loss  # validation: the same for every run
+    loss = val_loss = {"classify": classify_loss, "tag": tag_loss}.get(p["task"], clm_loss)  # the same validation
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     print(f"{p['task']} fine-tuning ({fc.method}): {len(p['train'])} train / {len(p['val'])} val examples, "
           f"{trainable:,} of {model.num_params():,} parameters trainable", file=sys.stderr)
@@ -82,6 +86,8 @@ def finetune(fc: FinetuneConfig, tc, epochs: float | None = None, dp=None):
         _record_dp(out, {**wrap.summary(), "validation": run["dp"]["validation"]}, result)
     if p["task"] == "classify" and p["val"]:
         result.update(report_classification(model, tok, p["val_texts"], p["val_golds"], fc.max_length, out))
+    if p["task"] == "tag" and p["val"]:
+        result.update(report_tagging(model, tok, p["val_texts"], p["val_golds"], fc.max_length, out))
     return result
 
 
@@ -105,6 +111,15 @@ def report_classification(model, tok, texts, golds, max_length, out: Path | None
         write_json(out / "val_metrics.json", m)
         plot_confusion_matrix(m["confusion_matrix"], labels, out / "confusion_matrix.png")
     return {"val_accuracy": m["acc"], "val_macro_f1": m["macro_f1"]}
+
+
+def report_tagging(model, tok, sentences, golds, max_length, out: Path | None = None) -> dict:
+    """Entity-level P/R/F1 (micro and per type) of a tagger on tagged sentences; printed, and saved under out."""
+    m, _ = score_tagger(model, tok, sentences, golds, max_length)
+    print(format_scores(m), file=sys.stderr)
+    if out is not None:
+        write_json(out / "val_metrics.json", m)
+    return {"val_precision": m["precision"], "val_recall": m["recall"], "val_f1": m["f1"]}
 
 
 def format_classification(m: dict) -> str:

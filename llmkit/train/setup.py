@@ -1,5 +1,6 @@
 """What the fine-tuning recipes share: FinetuneConfig, and `prepare`, which loads the base model, tokenizes the data
-and adds the classification head and LoRA adapters (used by finetune and federated; distill builds on its data half).
+and adds the classification (or tagging) head and LoRA adapters (used by finetune and federated; distill builds on
+its data half).
 """
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def prepare(fc: FinetuneConfig):
     extra = ()
     # the new head and adapters draw from torch's global generator: seeded, so --seed gives the same start every run
     torch.manual_seed(fc.seed)
-    if task == "classify":
-        lora_lib.add_classifier(model, id2label)
+    if task in ("classify", "tag"):  # a sequence or a token classification head
+        lora_lib.add_classifier(model, id2label, tagger=task == "tag")
         extra = ("score",)
     layers = fc.lora_layers
     if isinstance(layers, int):  # the top N blocks: the backward pass stops below them
