@@ -34,19 +34,24 @@ def cmd_tokenizer_train(args):
 def add_data(sub):
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=Parser)
-    c = dsub.add_parser("clean", help="normalise, de-duplicate, filter and redact text data (streaming)")
+    c = dsub.add_parser("clean", help="normalise, de-duplicate, filter and redact text data (a datatrove pipeline: "
+                        "local processes, Slurm or Ray)")
     add_clean_flags(c, with_io=True)
     c.set_defaults(handler=cmd_data_clean)
 
 
 def cmd_data_clean(args):
-    from llmkit.data.clean import clean_files
+    from llmkit.data.pipeline import run_clean
 
-    report = clean_files(args.inputs, args.out, common.clean_config(args), text_field=args.text_field, unit=args.unit,
-                         report_path=args.report)
+    report = run_clean(args.inputs, args.out, common.clean_config(args), common.run_config(args),
+                       text_field=args.text_field, unit=args.unit, report_path=args.report)
+    if "submitted" in report:
+        print(f"submitted Slurm job {report['submitted']} (the last stage); parts go to {args.out}, logs and "
+              f"intermediate files to {report['work_dir']}", file=sys.stderr)
+        return 0
     kept, total = report["documents_out"], report["documents_in"]
-    print(f"kept {kept} of {total} documents ({report['bytes_out']:,} of {report['bytes_in']:,} bytes); "
-          f"wrote {args.out}", file=sys.stderr)
+    print(f"kept {kept} of {total} documents ({report['bytes_out']:,} of {report['bytes_in']:,} bytes, "
+          f"{report['mb_per_s']} MB/s); wrote {args.out}", file=sys.stderr)
     for rule, n in report["removed"].items():
         print(f"  {rule}: {n}", file=sys.stderr)
     return 0
