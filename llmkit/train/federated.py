@@ -1,19 +1,20 @@
 """Federated LoRA fine-tuning on Flower (`flwr`): the data stays with its owners, only adapter weights travel.
 
-A Flower server holds the global adapter (LoRA A/B matrices plus, for classification, the head), samples a fraction
-of the connected clients each round, sends them the adapter, and aggregates what they send back (FedAvg, weighted by
-shard size, or FedProx, whose clients add (mu / 2) ||w - w_global||^2 to their loss; McMahan et al. 2017, Li et al.
-2020). Clients run llmkit's training loop (train.py) for --local-steps steps on their own shard. After every round the
-server evaluates the global adapter on the validation set and appends a row to metrics.jsonl; the final global adapter
-is written as a normal PEFT adapter folder.
+The run is a Flower App (fl_app.py: `server_app`, `client_app`). The server holds the global adapter (LoRA A/B
+matrices plus, for classification, the head), samples a fraction of the connected clients (SuperNodes) each round,
+sends them the adapter, and aggregates what they send back (Flower's FedAvg, weighted by shard size, or FedProx, whose
+clients add (mu / 2) ||w - w_global||^2 to their loss; McMahan et al. 2017, Li et al. 2020). Clients run llmkit's
+training loop (train.py) for --local-steps steps on their own data. After every round the server evaluates the global
+adapter on its validation split and appends a row to metrics.jsonl; the final global adapter is written as a normal
+PEFT adapter folder.
 
-Transport: Flower's gRPC server/client (`flwr.server.start_server` / `flwr.client.start_client`), which runs the same
-way on one machine (clients as local processes on loopback) and across machines. Flower's simulation engine needs
-Ray (`flwr[simulation]` pins ray, several hundred MB), and its SuperLink/SuperNode deployment needs a Flower App
-bundle launched with `flwr run`, so llmkit uses the direct gRPC entry points, which Flower 1.42 still ships (marked
-deprecated since 1.13). A client that fails or disconnects mid-round is a failure of that round: the others are
-aggregated (accept_failures), the failure is logged (in metrics.jsonl unless under DP), and later rounds go on
-without it.
+This module holds what both sides share (the config, which travels as Flower's run config, the data splits, the model
+both sides build) and the launchers: `federate` runs the app in Flower's Simulation Engine (a SuperLink started with
+--simulation, `flwr run` with --clients virtual SuperNodes on Ray), `write_app` writes the app's pyproject.toml for
+`flwr run` against a SuperLink with SuperNodes started apart (docs/federated.md), and `start_superlink`,
+`start_supernode`, `flwr_run` start Flower's own commands as processes (the CLI and the tests use them). A client that
+fails, disconnects or does not answer within --round-timeout is a failure of that round: the others are aggregated,
+the failure is logged (in metrics.jsonl unless under DP), and later rounds go on without it.
 
 Client-level differential privacy (optional, --dp-epsilon; DP-FedAvg, McMahan et al. 2018; dp.ClientDP): each round
 the server samples every connected client independently with probability q = m / --clients (Poisson sampling, the
@@ -27,33 +28,36 @@ data) and the epsilon spent: no client's loss, update norm, clip count, example 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmkit.data.sft import ExampleLoader
 from llmkit.infer.classify import pad_id_for
 from llmkit.model import lora as lora_lib
 from llmkit.train import dp as privacy
 from llmkit.train.dp import ClientDP
-from llmkit.train.loop import TrainConfig, evaluate, train
 from llmkit.train.losses import classify_loss, clm_loss
 from llmkit.train.setup import FinetuneConfig, prepare
-from llmkit.utils.io import write_json
 from llmkit.utils.plot import save_figure
 
+APP = "llmkit.train.fl_app"  # the Flower App's module: server_app and client_app
+
 STRATEGIES = ("fedavg", "fedprox")
-FAIL_ENV = "LLMKIT_FEDERATE_FAIL"  # "SHARD:ROUND": that client exits mid-round (tests a dying client)
+FAIL_ENV = "LLMKIT_FEDERATE_FAIL"  # "CLIENT:ROUND": that client stalls mid-round (tests kill its SuperNode)
 
 
 @dataclass
@@ -79,7 +83,8 @@ class FederateConfig:
     lora_layers: int | None = None
     seed: int = 0
     round_timeout: float = 1800.0
-    connect_timeout: float = 300.0
+    connect_timeout: float = 300.0  # round 1 waits this long for --clients nodes
+    client_cpus: float = 1.0  # simulation: CPUs of one virtual client (Ray actor)
     dp_epsilon: float | None = None  # client-level DP on the aggregated updates (DP-FedAvg)
     dp_delta: float = 1e-5
     dp_clip: float = 1.0  # L2 bound on one client's adapter update
@@ -92,13 +97,17 @@ class FederateConfig:
             if not isinstance(v, int) or v < lo:
                 raise ValueError(f"{flag} must be an integer >= {lo}, not {v!r}")
         if self.clients > 1000:
-            raise ValueError(f"--clients {self.clients}: at most 1000 local clients")
+            raise ValueError(f"--clients {self.clients}: at most 1000 clients")
         if not 0 < self.fraction_fit <= 1:
             raise ValueError(f"--fraction-fit must be in (0, 1], not {self.fraction_fit}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
         if not (math.isfinite(self.mu) and self.mu >= 0):
             raise ValueError(f"--mu must be >= 0, not {self.mu}")
+        if not (math.isfinite(self.client_cpus) and self.client_cpus > 0):
+            raise ValueError(f"--client-cpus must be > 0, not {self.client_cpus}")
+        if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
+            raise ValueError(f"--round-timeout must be > 0, not {self.round_timeout}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be > 0, not {self.lr}")
         parse_split(self.split)
@@ -154,7 +163,39 @@ def split_shards(n: int, clients: int, split: str, labels: list[int] | None = No
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the model both sides build, and the adapter as a list of arrays (the only thing that travels)
+# the config as Flower's run config (TOML scalars: None is "", lists are comma-separated)
+
+_NONE_IS_EMPTY = {"task": str, "lora_layers": int, "dp_epsilon": float}
+
+
+def to_run_config(fc: FederateConfig) -> dict:
+    """The `[tool.flwr.app.config]` table of a FederateConfig (keys with dashes, as Flower writes them)."""
+    rc = {}
+    for k, v in asdict(fc).items():
+        rc[k.replace("_", "-")] = "" if v is None else ",".join(v) if isinstance(v, list) else v
+    return rc
+
+
+def from_run_config(rc) -> FederateConfig:
+    """The FederateConfig of a run config (missing keys take their defaults; `flwr run --run-config` overrides)."""
+    kw = {}
+    for f in fields(FederateConfig):
+        key = f.name.replace("_", "-")
+        if key not in rc:
+            continue
+        v = rc[key]
+        if f.name in _NONE_IS_EMPTY:
+            v = None if v in ("", None) else _NONE_IS_EMPTY[f.name](v)
+        elif f.name == "lora_targets":
+            v = [t.strip() for t in str(v).split(",") if t.strip()]
+        elif isinstance(f.default, float):
+            v = float(v)
+        kw[f.name] = v
+    return FederateConfig(**kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model both sides build, and the adapter as named arrays (the only thing that travels)
 
 
 def _finetune_config(fc: FederateConfig) -> FinetuneConfig:
@@ -174,226 +215,45 @@ def build(fc: FederateConfig) -> dict:
     return p
 
 
-def get_weights(model, keys) -> list[np.ndarray]:
-    """The adapter tensors (in `keys` order) as float32 arrays."""
-    sd = model.state_dict()
-    return [sd[k].detach().float().cpu().numpy() for k in keys]
+def adapter_arrays(record, keys) -> list[np.ndarray]:
+    """The tensors of a Flower ArrayRecord, in `keys` order, as float32 arrays."""
+    sd = record.to_torch_state_dict()
+    return [sd[k].float().numpy() for k in keys]
 
 
-def set_weights(model, keys, arrays) -> None:
-    """Load adapter arrays (in `keys` order) into the model, checking names and shapes line up."""
-    sd = model.state_dict()
-    if len(arrays) != len(keys):
-        raise ValueError(f"received {len(arrays)} adapter tensors, this model has {len(keys)}")
-    new = {}
-    for k, a in zip(keys, arrays):
-        if tuple(a.shape) != tuple(sd[k].shape):
-            raise ValueError(f"adapter tensor {k} has shape {tuple(a.shape)}, this model needs {tuple(sd[k].shape)}")
-        new[k] = torch.from_numpy(np.ascontiguousarray(a)).to(sd[k].dtype)
-    model.load_state_dict(new, strict=False)
+def set_adapter(model, keys, record) -> None:
+    """Load an ArrayRecord of adapter tensors into the model, checking names and shapes line up."""
+    sd, got = model.state_dict(), record.to_torch_state_dict()
+    if set(got) != set(keys):
+        raise ValueError(f"received adapter tensors {sorted(set(got) ^ set(keys))[:3]}... that this model's adapter "
+                         f"does not have (or lacks): base model, --lora-* and --task must match on every party")
+    for k in keys:
+        if tuple(got[k].shape) != tuple(sd[k].shape):
+            raise ValueError(f"adapter tensor {k} has shape {tuple(got[k].shape)}, this model needs "
+                             f"{tuple(sd[k].shape)}")
+    model.load_state_dict({k: got[k].to(sd[k].dtype) for k in keys}, strict=False)
 
 
-def _quiet_flower():
-    # Flower logs every message exchange at INFO and a deprecation banner at WARNING; llmkit prints its own lines
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+def quiet_flower():
+    # Flower logs every message exchange at INFO; llmkit prints its own lines
+    logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# client
-
-
-def make_client(fc: FederateConfig, shard: int | None, p: dict | None = None):
-    """A Flower NumPyClient that trains the adapter on this client's examples with train.py's loop."""
-    import flwr as fl
-
-    p = p or build(fc)
-    model, keys = p["lm"].model, p["keys"]
-    examples = p["train"]
-    if shard is not None:
-        labels = [e["labels"] for e in examples] if p["task"] == "classify" else None
-        examples = [examples[i] for i in split_shards(len(examples), fc.clients, fc.split, labels, fc.seed)[shard]]
-    loader = ExampleLoader(examples, min(fc.batch_size, len(examples)), p["pad"], seed=fc.seed + (shard or 0))
-    trainable = [q for q in model.parameters() if q.requires_grad]
-    fail = os.environ.get(FAIL_ENV, "")
-    client_id = str(shard) if shard is not None else f"{socket.gethostname()}-{os.getpid()}"
-    name = f"client {client_id}"
-
-    class LoRAClient(fl.client.NumPyClient):
-        def get_parameters(self, config):
-            return get_weights(model, keys)
-
-        def fit(self, parameters, config):
-            rnd = int(config.get("server_round", 0))
-            if fail == f"{shard}:{rnd}":
-                print(f"{name}: exiting in round {rnd} ({FAIL_ENV})", file=sys.stderr, flush=True)
-                os._exit(3)
-            if "id2label" in config and p["task"] == "classify" and \
-                    json.loads(str(config["id2label"])) != model.config.id2label:
-                raise ValueError(f"{name}: this client's labels {model.config.id2label} differ from the server's")
-            set_weights(model, keys, parameters)
-            mu = float(config.get("proximal_mu", 0.0))
-            anchor = [q.detach().clone() for q in trainable]
-
-            def loss_fn(m, batch):  # FedProx: stay near the global adapter
-                loss, extras = _unpack(p["loss"](m, batch))
-                if mu > 0:
-                    loss = loss + mu / 2 * sum(((q - a) ** 2).sum() for q, a in zip(trainable, anchor))
-                return loss, extras
-
-            tc = TrainConfig(max_steps=int(config.get("local_steps", fc.local_steps)), lr=fc.lr, min_lr=fc.lr,
-                             warmup_steps=0, weight_decay=0.0, eval_every=0, log_every=10 ** 9, seed=fc.seed + rnd,
-                             device="cpu", dtype="float32", progress=False)
-            t0 = time.time()
-            res = train(model, loader, loss_fn, tc)
-            private = bool(config.get("dp"))  # client-level DP: the loss is this client's data; it stays here
-            loss = "" if private else f", train_loss {res['train_loss']:.4f}"
-            print(f"{name}: round {rnd}: {tc.max_steps} local steps{loss} ({time.time() - t0:.1f} s)",
-                  file=sys.stderr, flush=True)
-            return get_weights(model, keys), len(examples), \
-                {"client": client_id, **({} if private else {"train_loss": float(res["train_loss"])})}
-
-        def evaluate(self, parameters, config):
-            return 0.0, len(examples), {}
-
-    return LoRAClient()
-
-
-def _unpack(out):
-    return (out[0], out[1]) if isinstance(out, tuple) else (out, {})
-
-
-def run_client(fc: FederateConfig, server: str, shard: int | None = None) -> None:
-    """Connect to a Flower server and train when asked, until the server ends the run."""
-    import flwr as fl
-
-    _quiet_flower()
-    client = make_client(fc, shard)
-    print(f"client {'' if shard is None else shard}: connecting to {server}", file=sys.stderr, flush=True)
-    wait_for_server(server, fc.connect_timeout)
-    try:
-        fl.client.start_client(server_address=server, client=client.to_client(), max_wait_time=fc.connect_timeout)
-    except Exception as e:  # gRPC's errors are pages long: one line says what happened
-        detail = e.details() if callable(getattr(e, "details", None)) else None  # grpc.RpcError
-        raise ConnectionError(f"lost the connection to the server at {server}: {detail or type(e).__name__}") from e
-
-
-def wait_for_server(address: str, timeout: float) -> None:
-    """Return once HOST:PORT accepts TCP connections (a server may still be loading its model), or raise.
-
-    Flower's bidirectional gRPC client does not retry a refused first connection, so clients started before their
-    server (or on other machines, in any order) wait here."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--server must be HOST:PORT, not {address!r}")
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
-                return
-        except OSError as e:
-            if time.time() >= deadline:
-                raise ConnectionError(f"no Flower server answered at {address} within {timeout:.0f} s "
-                                      f"(--connect-timeout): {e.strerror or e}") from None
-            time.sleep(0.5)
+def summarise(rows: list[dict], wall: float, dp: ClientDP | None) -> dict:
+    """The run's result (the last round's val scores, rounds, wall time; bytes and failures unless under DP)."""
+    result = {k: v for k, v in rows[-1].items() if k.startswith("val_")}
+    result.update(rounds=len(rows) - 1, wall_seconds=round(wall, 2))
+    if dp is None:  # under client-level DP the rows hold no per-round client counts or bytes
+        result.update(bytes_sent=sum(r.get("bytes_sent", 0) for r in rows),
+                      bytes_received=sum(r.get("bytes_received", 0) for r in rows),
+                      client_failures=sum(r.get("clients_failed", 0) for r in rows))
+    else:
+        result["epsilon"] = dp.summary(len(rows) - 1)["epsilon_spent"]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# server
-
-
-def _strategy(fc: FederateConfig, p: dict, log_row, dp: ClientDP | None = None):
-    """FedAvg or FedProx that evaluates the global adapter after each round and logs clients, failures and bytes."""
-    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server.strategy import FedAvg, FedProx
-
-    model, keys = p["lm"].model, p["keys"]
-    val = ExampleLoader(p["val"], fc.batch_size, p["pad"], shuffle=False)
-    base = FedProx if fc.strategy == "fedprox" else FedAvg
-    id2label = json.dumps(model.config.id2label) if p["task"] == "classify" else None
-
-    rows: dict = {}
-
-    class Strategy(base):
-        final: list | None = None
-        current: list | None = None
-        pending: list | None = None
-
-        def configure_fit(self, server_round, parameters, client_manager):
-            if server_round == 1:  # start when every expected client is there; later rounds use those still there
-                print(f"server: waiting for {fc.clients} clients", file=sys.stderr, flush=True)
-                if not client_manager.wait_for(fc.clients, timeout=fc.connect_timeout):
-                    print(f"server: only {client_manager.num_available()} of {fc.clients} clients connected "
-                          f"within {fc.connect_timeout:.0f} s; going on with them", file=sys.stderr, flush=True)
-            if client_manager.num_available() == 0:
-                raise ValueError(f"round {server_round}: no client is connected (local runs: see OUT/client-logs)")
-            if dp is None:
-                ins = super().configure_fit(server_round, parameters, client_manager)
-            else:  # Poisson sampling at the accountant's q, not Flower's fixed-size sample of those still there
-                if self.pending is not None:  # the last round sampled no one: its noised adapter is the global one
-                    parameters = ndarrays_to_parameters(self.pending)
-                config = {"proximal_mu": fc.mu} if fc.strategy == "fedprox" else {}
-                ins = [(c, FitIns(parameters, dict(config))) for c in dp.sample(list(client_manager.all().values()))]
-                self.current, self.pending = parameters_to_ndarrays(parameters), None
-                if not ins:  # Flower skips a round with no client: release the noised adapter all the same
-                    self.pending = dp.aggregate(self.current, [])[0]
-            for _, fit_ins in ins:
-                fit_ins.config.update({"server_round": server_round, "local_steps": fc.local_steps,
-                                       **({"id2label": id2label} if id2label else {}), **({"dp": 1} if dp else {})})
-            size = sum(len(t) for t in parameters.tensors)
-            rows[server_round] = {"round": server_round, "clients_sampled": len(ins),
-                                  "bytes_sent": size * len(ins), "t0": time.time()}
-            return ins
-
-        def aggregate_fit(self, server_round, results, failures):
-            row = rows[server_round]
-            row["clients_ok"], row["clients_failed"] = len(results), len(failures)
-            row["bytes_received"] = sum(len(t) for _, r in results for t in r.parameters.tensors)
-            row["client_train_loss"] = {str(r.metrics.get("client", i)): round(float(r.metrics["train_loss"]), 6)
-                                        for i, (_, r) in enumerate(results) if "train_loss" in r.metrics}
-            row["client_examples"] = {str(r.metrics.get("client", i)): r.num_examples
-                                      for i, (_, r) in enumerate(results)}
-            if failures:
-                why = sorted({type(f).__name__ if isinstance(f, BaseException) else "error result" for f in failures})
-                row["failures"] = why
-                print(f"server: round {server_round}: {len(failures)} client(s) failed ({', '.join(why)}); "
-                      f"aggregating the other {len(results)}", file=sys.stderr, flush=True)
-            if not results:
-                print(f"server: round {server_round}: no client finished; the global adapter is unchanged",
-                      file=sys.stderr, flush=True)
-            if dp is None:
-                return super().aggregate_fit(server_round, results, failures)
-            new, info = dp.aggregate(self.current, [parameters_to_ndarrays(r.parameters) for _, r in results])
-            print(f"server: round {server_round}: {info['clipped']} of {len(results)} update(s) clipped",
-                  file=sys.stderr, flush=True)  # the curator's console; metrics.jsonl gets none of it
-            return ndarrays_to_parameters(new), {}
-
-    def evaluate_fn(server_round, arrays, config):
-        if getattr(strategy, "pending", None) is not None:  # a DP round that sampled no client
-            arrays = strategy.pending
-        set_weights(model, keys, arrays)
-        ev = evaluate(model, val, p["loss"], len(val), None, torch.device("cpu"))
-        row = rows.get(server_round, {"round": server_round})
-        row.update({k: round(float(v), 6) for k, v in ev.items()})
-        if "t0" in row:
-            row["seconds"] = round(time.time() - row.pop("t0"), 2)
-        if dp is not None:  # only what the accountant covers: the noised adapter's score on the server's own data
-            row = {"round": server_round, **{k: v for k, v in row.items() if k.startswith("val_")}}
-            if server_round:
-                row["epsilon"] = round(dp.epsilon(server_round), 4)
-        strategy.final = arrays
-        log_row(row)
-        acc = f", val_acc {ev['val_acc']:.4f}" if "val_acc" in ev else ""
-        eps = f", epsilon {row['epsilon']:.3f}" if "epsilon" in row else ""
-        print(f"server: round {server_round}: val_loss {ev['val_loss']:.4f}{acc}{eps}", file=sys.stderr, flush=True)
-        return float(ev["val_loss"]), {}
-
-    kw = dict(fraction_fit=fc.fraction_fit, fraction_evaluate=0.0, min_fit_clients=1, min_evaluate_clients=1,
-              min_available_clients=1, accept_failures=True, evaluate_fn=evaluate_fn,
-              initial_parameters=ndarrays_to_parameters(get_weights(model, keys)))
-    if fc.strategy == "fedprox":
-        kw["proximal_mu"] = fc.mu
-    strategy = Strategy(**kw)
-    return strategy
+# Flower's own commands as processes: a SuperLink, SuperNodes, `flwr run`
 
 
 def free_port() -> int:
@@ -403,98 +263,183 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _client_command(fc: FederateConfig, server: str, shard: int) -> list[str]:
-    """A local client process: client_main on shard `shard` (clients on other machines run `llmkit federate --role
-    client`, which calls run_client the same way)."""
-    code = "import sys; from llmkit.train.federated import client_main; raise SystemExit(client_main(sys.argv[1:]))"
-    return [sys.executable, "-c", code, json.dumps(asdict(fc)), server, str(shard)]
+def flower_env(flwr_home=None) -> dict:
+    """The environment for Flower's commands: this Python's scripts first on PATH (SuperLink and SuperNode start
+    `flwr-serverapp`, `flwr-clientapp` and `flwr-simulation` by name), llmkit importable, FLWR_HOME (where Flower
+    keeps installed apps and state; default ~/.flwr) if given."""
+    env = dict(os.environ)
+    if flwr_home:
+        env["FLWR_HOME"] = str(flwr_home)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    return env
 
 
-def client_main(argv: list[str]) -> int:
-    """The entry point of a local client process: argv is [the FederateConfig as JSON, server HOST:PORT, shard].
-    Errors end it with one line, as the CLI's would."""
-    config, server, shard = argv
-    fc = FederateConfig(**json.loads(config))
-    try:
-        fc.check()
-        run_client(fc, server, int(shard))
-    except (ValueError, OSError) as e:
-        msg = str(e) if isinstance(e, ValueError) or not e.strerror else f"{e.strerror}: {e.filename}"
-        print(f"llmkit federate: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
-        return 2
-    return 0
+def _command(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
 
 
-def federate(fc: FederateConfig, role: str = "local", listen: str | None = None) -> dict:
-    """Run the server (role "server": clients connect to `listen`; "local": also start --clients local client
-    processes on loopback). Writes OUT/metrics.jsonl, OUT/federate.png, OUT/run_config.json and the final adapter."""
-    import flwr as fl
+def write_app(folder, fc: FederateConfig) -> Path:
+    """FOLDER/pyproject.toml: the Flower App (llmkit's server_app and client_app by module path) with `fc` as its run
+    config; `flwr run FOLDER CONNECTION` sends it to a SuperLink. Returns FOLDER."""
+    import tomli_w  # comes with flwr
 
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"project": {"name": "llmkit-federate", "version": "1.0.0", "license": "Apache-2.0",
+                       "description": "llmkit federated LoRA fine-tuning (written by llmkit federate --write-app)",
+                       "dependencies": []},  # installed beforehand on every machine: Flower installs nothing
+           "tool": {"flwr": {"app": {"publisher": "llmkit",
+                                     "components": {"serverapp": f"{APP}:server_app", "clientapp": f"{APP}:client_app"},
+                                     "config": to_run_config(fc)}}}}
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(doc))
+    return folder
+
+
+def write_connection(flwr_home, name: str, address: str) -> Path:
+    """FLWR_HOME/config.toml naming one SuperLink connection (plain HTTP, as on loopback or inside a private
+    network; give real deployments TLS: docs/federated.md)."""
+    import tomli_w
+
+    home = Path(flwr_home)
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = {"superlink": {"default": name, name: {"address": address, "insecure": True}}}
+    (home / "config.toml").write_text(tomli_w.dumps(cfg))
+    return home
+
+
+def _wait_port(address: str, proc, timeout: float, what: str) -> None:
+    host, _, port = address.rpartition(":")
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with code {proc.returncode} while starting") from None
+            if time.time() >= deadline:
+                raise RuntimeError(f"{what} did not listen on {address} within {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+def start_superlink(log, simulation: bool = False, host: str = "127.0.0.1", port: int | None = None,
+                    health: bool = True, flwr_home=None, timeout: float = 60.0) -> tuple[subprocess.Popen, dict]:
+    """`flower-superlink --insecure` on HOST:PORT (free ports by default) in its own process group, logging to `log`;
+    returns once it listens: (process, {"address": its HTTP API, "health": its gRPC health server or None})."""
+    address = f"{host}:{port or free_port()}"
+    cmd = [_command("flower-superlink"), "--insecure", "--host", host, "--port", address.rpartition(":")[2],
+           "--disable-runtime-dependency-installation"]  # else it runs `uv sync` on the app's dependencies
+    addresses = {"address": address, "health": f"{host}:{free_port()}" if health else None}
+    if health:
+        cmd += ["--health-server-address", addresses["health"]]
+    if simulation:
+        cmd.append("--simulation")
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=flower_env(flwr_home),
+                                start_new_session=True)
+    _wait_port(address, proc, timeout, "flower-superlink")
+    return proc, addresses
+
+
+def start_supernode(superlink: str, log, node_config: str = "", host: str = "127.0.0.1", health: bool = True,
+                    flwr_home=None, env: dict | None = None) -> tuple[subprocess.Popen, dict]:
+    """`flower-supernode --insecure` connected to SUPERLINK (HOST:PORT) with `node_config` (e.g. "partition-id=0
+    num-partitions=2" or 'data="my.tsv"'), in its own process group: (process, {"address", "health"})."""
+    addresses = {"address": f"{host}:{free_port()}", "health": f"{host}:{free_port()}" if health else None}
+    cmd = [_command("flower-supernode"), "--insecure", "--superlink", superlink, "--host", host,
+           "--port", addresses["address"].rpartition(":")[2]]
+    if node_config:
+        cmd += ["--node-config", node_config]
+    if health:
+        cmd += ["--health-server-address", addresses["health"]]
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**flower_env(flwr_home), **(env or {})},
+                                start_new_session=True)
+    return proc, addresses
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM, grace: float = 10.0) -> None:
+    """End a process started here with its process group (a SuperNode's ClientApp processes, a SuperLink's
+    ServerApp or simulation): `sig`, then SIGKILL after `grace` seconds."""
+    for s, wait in ((sig, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, s)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def flwr_run(app, flwr_home, connection: str, federation_config: str = "", run_config: str = "", log=None,
+             echo=None, timeout: float | None = None) -> int:
+    """`flwr run APP CONNECTION --stream`: submit the app and follow its logs until the run ends. Each output line
+    goes to `log` (a file) and, when `echo(line)` says so, to stderr. Returns flwr's exit code."""
+    cmd = [_command("flwr"), "run", str(app), connection, "--stream"]
+    if federation_config:
+        cmd += ["--federation-config", federation_config]
+    if run_config:
+        cmd += ["--run-config", run_config]
+    env = flower_env(flwr_home)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    deadline = None if timeout is None else time.time() + timeout
+    with open(log or os.devnull, "a") as f:
+        for line in proc.stdout:
+            f.write(line)
+            f.flush()
+            if echo and echo(line):
+                print(line.rstrip(), file=sys.stderr, flush=True)
+            if deadline and time.time() > deadline:
+                stop(proc)
+                raise TimeoutError(f"flwr run did not end within {timeout:.0f} s")
+    return proc.wait()
+
+
+def federate(fc: FederateConfig, verbose: bool = False) -> dict:
+    """Run the Flower App in Flower's Simulation Engine: a SuperLink with --simulation, `flwr run` with --clients
+    virtual SuperNodes (Ray actors of --client-cpus CPUs each; node i trains on shard i). Writes OUT/metrics.jsonl,
+    OUT/federate.png, OUT/run_config.json, OUT/result.json, OUT/flower-logs/ and the final adapter; returns the
+    result. Bad settings raise ValueError before anything is written."""
     fc.check()
+    for module, need in (("flwr", "Flower"), ("ray", "Ray (Flower's Simulation Engine)")):
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"llmkit federate needs {need}: pip install 'llmkit[private]' (flwr[simulation])")
     out = Path(fc.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not empty; choose a new --out")
-    dp = ClientDP(fc) if fc.dp_epsilon is not None else None  # an unreachable epsilon fails here
+    if fc.dp_epsilon is not None:
+        ClientDP(fc)  # an unreachable epsilon fails here
     p = build(fc)
     labels = [e["labels"] for e in p["train"]] if p["task"] == "classify" else None
-    shards = split_shards(len(p["train"]), fc.clients, fc.split, labels, fc.seed)  # fails here on bad splits
-    _quiet_flower()
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.jsonl"
-    metrics.write_text("")
-    write_json(out / "run_config.json", {"federate": {**asdict(fc), "role": role, "task": p["task"],
-                                                      "n_train": len(p["train"]), "n_val": len(p["val"]),
-                                                      "shard_sizes": [len(s) for s in shards]}})
-    print(f"federated {p['task']} fine-tuning: {fc.clients} clients ({fc.split}, shard sizes "
-          f"{[len(s) for s in shards]}), {fc.rounds} rounds of {fc.local_steps} local steps, {fc.strategy}",
-          file=sys.stderr, flush=True)
-
-    def log_row(row):
-        with open(metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    strategy = _strategy(fc, p, log_row, dp)
-    if dp is not None:
-        print(f"client-level DP: clip {dp.clip:g}, noise multiplier {dp.noise:.3f} over {dp.m} clients a round "
-              f"(target epsilon {fc.dp_epsilon:g} at delta {fc.dp_delta:g} after {fc.rounds} rounds)",
-              file=sys.stderr, flush=True)
-    address = listen or f"127.0.0.1:{free_port()}"
-    procs = []
-    if role == "local":
-        logs = out / "client-logs"
-        logs.mkdir()
-        for k in range(fc.clients):
-            with open(logs / f"client-{k}.log", "w") as log:
-                procs.append(subprocess.Popen(_client_command(fc, address, k), stdout=log, stderr=subprocess.STDOUT))
-    t0 = time.time()
-    try:
-        fl.server.start_server(server_address=address, strategy=strategy,
-                               config=fl.server.ServerConfig(num_rounds=fc.rounds, round_timeout=fc.round_timeout))
-    finally:
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    wall = time.time() - t0
-    set_weights(p["lm"].model, p["keys"], strategy.final)
-    base = fc.model if fc.model == "default" else str(Path(fc.model).resolve())
-    lora_lib.save_adapter(out, p["lm"].model, p["lora"], base=base, tokenizer=p["lm"].tokenizer, extra=p["extra"])
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    plot_rounds(rows, out / "federate.png")
-    last = rows[-1]
-    result = {k: v for k, v in last.items() if k.startswith("val_")}
-    result.update(rounds=len(rows) - 1, wall_seconds=round(wall, 2))
-    if dp is None:  # under client-level DP the rows hold no per-round client counts or bytes
-        result.update(bytes_sent=sum(r.get("bytes_sent", 0) for r in rows),
-                      bytes_received=sum(r.get("bytes_received", 0) for r in rows),
-                      client_failures=sum(r.get("clients_failed", 0) for r in rows))
-    if dp is not None:
-        summary = dp.summary(len(rows) - 1)
-        result["epsilon"] = summary["epsilon_spent"]
-        cfg = json.loads((out / "run_config.json").read_text())
-        write_json(out / "run_config.json", {**cfg, "dp": summary})
-    return result
+    split_shards(len(p["train"]), fc.clients, fc.split, labels, fc.seed)  # fails here on bad splits
+    del p
+    logs = out / "flower-logs"
+    logs.mkdir(parents=True)
+    cpus = fc.client_cpus
+    with tempfile.TemporaryDirectory(prefix="llmkit-federate-") as tmp:
+        app = write_app(Path(tmp) / "app", FederateConfig(**{**asdict(fc), "out": str(out.resolve()),
+                                                              "data": str(Path(fc.data).resolve())}))
+        home = Path(tmp) / "flwr-home"
+        link, addr = start_superlink(logs / "superlink.log", simulation=True, health=False, flwr_home=home)
+        try:
+            write_connection(home, "llmkit-simulation", addr["address"])
+            fed = (f"num-supernodes={fc.clients} client-resources-num-cpus={cpus:g} "
+                   f"init-args-num-cpus={max(math.ceil(cpus), os.cpu_count() or 1)}")
+            rc = flwr_run(app, home, "llmkit-simulation", fed, log=logs / "run.log",
+                          echo=lambda line: verbose or ("server:" in line and "done:" not in line))
+        finally:
+            stop(link)
+    result = out / "result.json"
+    if not result.exists():
+        raise RuntimeError(f"the Flower run ended (flwr run exit code {rc}) without a result: see {logs}")
+    return json.loads(result.read_text())
 
 
 def plot_rounds(rows: list[dict], path) -> None:
