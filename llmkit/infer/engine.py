@@ -12,13 +12,16 @@ Sampling parameters, the sampler and the per-request state are sampling.py's (re
 """
 from __future__ import annotations
 
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.nn as nn
 
 from llmkit.infer.kvpool import TRIM_BYTES, BlockPool, trim_heap
+from llmkit.infer.speculative import Speculation, accepted_run
+from llmkit.model.linear import one_row_products
 from llmkit.model.transformer import PackedKV, RowKV, Transformer
 from llmkit.infer.sampling import (  # noqa: F401  (re-exported: the public API has always been engine's)
     Completion, RequestState, SamplingParams, apply_penalties, filter_logits, sample_next, stop_prefix_len)
@@ -50,6 +53,9 @@ class _Row:
         self.computed = 0  # prompt tokens whose keys/values are stored
         self.next_input: int | None = None  # the token the next decode step feeds
         self.leader: _Row | None = None  # an identical prompt that prefills for this row too (n choices)
+        self.drafter = None  # a speculative.NgramDrafter or ModelDrafter where this row speculates
+        self.drafts: list[int] = []  # the draft tokens this step verifies after next_input
+        self.k = 0  # how many tokens it drafts next (Speculation.next_k; 0: not yet set)
 
     @property
     def decoding(self) -> bool:
@@ -60,8 +66,9 @@ class DecodeBatch:
     """The running rows of one model: their KV cache, prefill, sampling, stops, logprobs and logits processors."""
 
     def __init__(self, model: Transformer, pool: BlockPool, max_rows: int = 64, prefill_chunk: int = 512,
-                 batch_invariant: bool = False):
-        """batch_invariant: every row computes exactly what it would alone (see the note on batch invariance)."""
+                 batch_invariant: bool = False, speculation: Speculation | None = None):
+        """batch_invariant: every row computes exactly what it would alone (see the note on batch invariance);
+        speculation: greedy rows draft and verify several tokens a step (speculative.py), with the same output."""
         if max_rows < 1 or prefill_chunk < max_rows:
             raise ValueError(f"need max_rows >= 1 and prefill_chunk >= max_rows, got {max_rows}, {prefill_chunk}")
         self.model, self.pool, self.cfg = model, pool, model.config
@@ -70,6 +77,9 @@ class DecodeBatch:
         self.device, self.dtype = param.device, model.activation_dtype
         self.rows: dict[int, _Row] = {}  # in admission order
         self._next_id = 0
+        self.spec = speculation
+        # dense products sum in another order for another row count: verified rows then run alone (speculative.py)
+        self.row_invariant = not any(isinstance(m, nn.Linear) for m in model.modules())
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -92,6 +102,7 @@ class DecodeBatch:
                              f"{self.pool.kv_cache_mb:.0f} MB pool (kv_cache_mb / --kv-cache-mb)")
         self.pool.reserve(n)
         row = _Row(state, n)
+        row.drafter = self.spec.drafter(state) if self.spec is not None else None
         state.id, self._next_id = self._next_id, self._next_id + 1
         if state.prompt_logprobs:
             state.prompt_scores = [(None, [])]
@@ -153,12 +164,19 @@ class DecodeBatch:
                 picking += self._after_forward(row, ids, h)
             except Exception as e:  # noqa: BLE001 (a row's own failure must not stop the batch)
                 self._fail(row, e, events)
+        verifying = [(r, h) for r, h in picking if h.dim() == 2]
+        picking = [(r, h) for r, h in picking if h.dim() == 1]
         if picking:
             with torch.inference_mode():  # one LM-head product for every row: the head is the largest weight
                 hs = torch.stack([h for _, h in picking])
                 # batch-invariant: a fresh tensor per row, so that even the alignment its kernels see is its own
                 logits = [self.model.logits(h[None])[0] for h in hs] if self.batch_invariant else self.model.logits(hs)
             self._sample([(r, lg) for (r, _), lg in zip(picking, logits)], events)
+        if verifying:
+            with torch.inference_mode(), one_row_products():  # each position's logits exactly as a one-token step's
+                logits = self.model.logits(torch.cat([h for _, h in verifying])).split([len(h) for _, h in verifying])
+            for (row, _), lg in zip(verifying, logits):
+                self._verify(row, lg, events)
         for row in [r for r in self.rows.values() if r.state.finish_reason is not None]:  # prefill-only rows
             events.append(Event(row.state.id, "done"))
             self._remove(row)
@@ -166,11 +184,11 @@ class DecodeBatch:
 
     def _plan(self) -> list[tuple[_Row, list[int]]]:
         """Which tokens each row feeds this step: one per decoding row, then prompt chunks in arrival order."""
-        plan = [(r, [r.next_input]) for r in self.rows.values() if r.decoding]
+        plan = [(r, [r.next_input] + self._draft(r)) for r in self.rows.values() if r.decoding]
         # chunks only matter while streams are running; alone, a prompt is prefilled whole (fewer, larger products),
         # and always in batch-invariant mode (a row's products must not depend on what else runs)
         alone = not plan or self.batch_invariant
-        budget = self.cfg.max_position_embeddings if alone else self.prefill_chunk - len(plan)
+        budget = self.cfg.max_position_embeddings if alone else self.prefill_chunk - sum(len(ids) for _, ids in plan)
         for r in self.rows.values():
             if budget <= 0:
                 break
@@ -184,6 +202,17 @@ class DecodeBatch:
             self._make_room(r, len(ids))
         return plan
 
+    def _draft(self, row: _Row) -> list[int]:
+        """Draft tokens for a speculating row: never more than its tokens left after this step's own token."""
+        st, row.drafts = row.state, []
+        if row.drafter is not None:
+            k = min(row.k or self.spec.k, st.max_new - len(st.token_ids) - 1)
+            try:
+                row.drafts = row.drafter.propose(st.token_ids, k, len(st.prompt_ids))
+            except Exception:  # noqa: BLE001 (a draft model that fails: this row decodes one token a step)
+                row.drafter, row.drafts = None, []
+        return row.drafts
+
     def _make_room(self, row: _Row, n: int):
         need, kv, bs = row.kv.length + n, row.kv, self.pool.block_size
         if need > kv.capacity:  # doubling keeps the copying linear; never beyond what the row reserved
@@ -191,10 +220,12 @@ class DecodeBatch:
 
     def _forward(self, plan, events) -> dict[int, torch.Tensor]:
         """Hidden states (n, C) of each planned row's new tokens; a failing batch is retried row by row."""
-        if self.batch_invariant and len(plan) > 1:  # each row alone: the same products as without the others
+        alone = [it for it in plan if it[0].drafts] if not self.row_invariant else []  # dense verification
+        if len(plan) > 1 and (self.batch_invariant or alone):  # each row alone: the products it would get alone
             out = {}
-            for item in plan:
-                out.update(self._forward([item], events))
+            rest = [it for it in plan if not it[0].drafts] if not self.batch_invariant else []
+            for items in ([rest] if rest else []) + [[it] for it in plan if it not in rest]:
+                out.update(self._forward(items, events))
             return out
         try:
             return self._run(plan)
@@ -220,8 +251,10 @@ class DecodeBatch:
             row.kv.length = view.length[0]
             return {row.state.id: hidden}
         packed = PackedKV([r.kv for r, _ in plan], [len(ids) for _, ids in plan])
+        packed.stepwise = frozenset(j for j, (r, _) in enumerate(plan) if r.drafts)  # verified as one-token steps
         flat = torch.tensor([t for _, ids in plan for t in ids], device=self.device)[None]
-        hidden = self.model(flat, cache=packed, head="hidden")[0]  # (N, C)
+        with one_row_products() if packed.stepwise and not self.row_invariant else nullcontext():
+            hidden = self.model(flat, cache=packed, head="hidden")[0]  # (N, C)
         return {r.state.id: hidden[s:e] for (r, _), s, e in zip(plan, packed.offsets, packed.offsets[1:])}
 
     @torch.inference_mode()
@@ -229,7 +262,7 @@ class DecodeBatch:
         """Advance a row past its forward: prompt scores, and the logits to sample from if it picks a token now."""
         st = row.state
         if row.decoding:
-            return [(row, h[-1])]
+            return [(row, h if row.drafts else h[-1])]  # speculating: every position's logits
         start, row.computed = row.computed, row.computed + len(ids)
         if st.prompt_logprobs:
             self._score_prompt(st, start, self.model.logits(h))  # (n, V): position i predicts prompt token i + 1
@@ -293,6 +326,30 @@ class DecodeBatch:
                 events.append(Event(st.id, "done"))
                 self._remove(row)
 
+    def _verify(self, row: _Row, logits: torch.Tensor, events: list[Event]):
+        """Keep a speculating row's drafts up to the first the model disagrees with, plus the model's own token;
+        each kept token goes through RequestState.add as a one-token step's would, so stops end the row alike."""
+        st, drafts = row.state, row.drafts
+        stored = row.kv.length - len(drafts) - 1
+        try:
+            run = accepted_run(drafts, logits.argmax(-1).tolist())
+            kept = 0
+            for j, t in enumerate(run):
+                piece = st.add(t, logits[j].float().log_softmax(-1) if st.p.logprobs else None)
+                kept, row.next_input = j + 1, t
+                events.append(Event(st.id, "token", piece))
+                if st.finish_reason is not None:
+                    break
+            row.kv.length = stored + kept  # the inputs of the kept tokens; the slots beyond are overwritten later
+            self.spec.record(len(drafts), len(run) - 1, kept)
+            row.k = self.spec.next_k(row.k or self.spec.k, len(drafts), len(run) - 1)
+        except Exception as e:  # noqa: BLE001
+            self._fail(row, e, events)
+            return
+        if st.finish_reason is not None:
+            events.append(Event(st.id, "done"))
+            self._remove(row)
+
     def _pick(self, rows, logits, events) -> list[int | None]:
         """The sampler over all rows at once; if it raises, row by row so only the culprit fails."""
         def history(rs):
@@ -332,10 +389,22 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer, generation_config: dict | None = None, compile: bool = False,
                  kv_cache_mb: float | None = None, block_size: int = 16, max_batch: int = 64,
-                 prefill_chunk: int = 512, prefix_caching: bool = True, batch_invariant: bool = False):
+                 prefill_chunk: int = 512, prefix_caching: bool = True, batch_invariant: bool = False,
+                 speculative=None, draft_tokens: int = 4):
         """compile=True runs decode steps through torch.compile (Transformer.compile_decode); kv_cache_mb bounds the
-        KV cache (default: a fifth of the free memory, see kvpool.default_kv_cache_mb); batch_invariant=True gives
-        each request exactly the tokens it would get alone (see the note on batch invariance above), slower batched."""
+        KV cache (default: max_batch rows of up to 1,024 tokens, see kvpool.default_kv_cache_mb);
+        batch_invariant=True gives each request exactly the tokens it would get alone (see the note on batch
+        invariance above), slower batched;
+        speculative="ngram" (prompt lookup) or a draft Transformer drafts draft_tokens tokens a step for greedy
+        requests, verified in one forward, with the same tokens as without it (speculative.py)."""
+        if speculative is not None and compile:  # the compiled step rounds unlike the eager verification forward
+            raise ValueError("speculative decoding and compile exclude each other: choose one")
+        self.speculation = Speculation(speculative, draft_tokens) if speculative is not None else None
+        if self.speculation is not None and self.speculation.method != "ngram":
+            draft_vocab = self.speculation.method.config.vocab_size
+            if draft_vocab != model.config.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft_vocab}) is not the model's "
+                                 f"({model.config.vocab_size}): a draft model needs the same tokenizer")
         self.model, self.tok = model.eval().fuse_for_decode(), tokenizer  # fused q/k/v, gate/up: faster decode
         if compile:
             model.compile_decode()
@@ -344,7 +413,7 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, model.activation_dtype  # hidden states and KV cache
         self.eos_ids = self._eos_ids()
-        self.pool = BlockPool(self.config, kv_cache_mb, block_size, self.dtype, prefix_caching)
+        self.pool = BlockPool(self.config, kv_cache_mb, block_size, self.dtype, prefix_caching, rows=max_batch)
         self.max_batch, self.prefill_chunk = max_batch, max(prefill_chunk, max_batch)
         self.batch_invariant = batch_invariant
 
@@ -361,7 +430,8 @@ class Engine:
 
     def decode_batch(self, max_rows: int | None = None) -> DecodeBatch:
         """A new decode core on this engine's model and KV pool (the scheduler runs one; generate makes its own)."""
-        return DecodeBatch(self.model, self.pool, max_rows or self.max_batch, self.prefill_chunk, self.batch_invariant)
+        return DecodeBatch(self.model, self.pool, max_rows or self.max_batch, self.prefill_chunk, self.batch_invariant,
+                           self.speculation)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  processors: list | None = None) -> list[Completion]:

@@ -124,6 +124,9 @@ class PackedKV:
     a context followed by several continuations that each see the context and themselves (evaluate.py).
     """
 
+    # rows whose tokens attend one query at a time, each exactly as a one-token step would (speculative verification)
+    stepwise: frozenset = frozenset()
+
     def __init__(self, rows: list[RowKV | None], counts: list[int], masks: list | None = None,
                  positions: list[list[int]] | None = None):
         if len(rows) != len(counts) or any(n < 1 for n in counts):
@@ -227,6 +230,15 @@ class PackedLayer:
         r.k[i, :, L0:L0 + n] = k[0, :, s:s + n]
         r.v[i, :, L0:L0 + n] = v[0, :, s:s + n]
         keys, values = r.k[i, :, :L0 + n][None], r.v[i, :, :L0 + n][None]
+        if n > 1 and j in p.stepwise:  # the very call a decode step makes per token (one thread, as attend's)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return torch.cat([F.scaled_dot_product_attention(q[:, :, s + t:s + t + 1], keys[:, :, :L0 + t + 1],
+                                                                 values[:, :, :L0 + t + 1], enable_gqa=enable_gqa)
+                                  for t in range(n)], 2)
+            finally:
+                torch.set_num_threads(threads)
         mask = None
         if n > 1 and L0 > 0:  # a chunk after stored tokens: query j sees slots 0..L0 + j (built once, all layers)
             mask = p.masks[j]

@@ -2,6 +2,9 @@
 under float32 activations on a CPU."""
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,9 +27,33 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 LOW_PRECISION_GEMV_ROWS = 2  # rows up to which low-precision weights take the GEMV path
 
 
+_ROWS = threading.local()  # .alone: products compute each row as its own one-row call (one_row_products)
+
+
+@contextmanager
+def one_row_products():
+    """Within it, on this thread, dense products compute every row exactly as a call with that row alone would (and
+    head_logits refines each row alone): speculative decoding verifies k tokens in one forward whose numbers must equal
+    k one-token steps'. torch's dense kernels may sum in another order for another row count; the int4/int8 kernels
+    do not (tested), so quantized layers keep their one call."""
+    before = getattr(_ROWS, "alone", False)
+    _ROWS.alone = True
+    try:
+        yield
+    finally:
+        _ROWS.alone = before
+
+
+def rows_alone() -> bool:
+    return getattr(_ROWS, "alone", False)
+
+
 def fused_linear(x, w, b=None):
     """x (..., K) @ w(N, K).T (+ b), taking the split-bmm path for a few rows."""
     m = x.numel() // x.shape[-1]
+    if m > 1 and rows_alone():
+        rows = x.reshape(m, x.shape[-1])
+        return torch.cat([fused_linear(rows[i:i + 1], w, b) for i in range(m)]).reshape(*x.shape[:-1], -1)
     if w.dtype != x.dtype:  # bfloat16/float16 weights under float32 activations (CPU, see activation_dtype)
         if m <= LOW_PRECISION_GEMV_ROWS and not torch.is_grad_enabled():
             return F.linear(x.to(w.dtype), w, b).to(x.dtype)  # torch's GEMV: fp32 accumulation, half the bytes
