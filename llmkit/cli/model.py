@@ -12,7 +12,7 @@ from pathlib import Path
 
 import llmkit.cli.checks as checks
 import llmkit.cli.common as common
-from llmkit.cli.flags import model_flags
+from llmkit.cli.flags import model_flags, report_flags, report_kwargs
 
 # ---------------------------------------------------------------------------------------------------------------
 # info
@@ -164,12 +164,9 @@ def add_quantize(sub):
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128 (must divide each "
                    "layer's in_features)")
     p.add_argument("--skip", action="append", default=[], help="layer to keep in float, e.g. lm_head (repeatable)")
-    p.add_argument("--eval-limit", type=int, default=200, help="HellaSwag items in the report")
-    p.add_argument("--ppl-chars", type=int, default=100_000, help="characters of WikiText-2 test scored in the report")
-    p.add_argument("--wikitext", help="the report's perplexity text (default: the WikiText-2 excerpt llmkit ships)")
-    p.add_argument("--hellaswag", help="the report's {query, choices, label} JSONL (default: the 8 HellaSwag items "
-                   "llmkit ships)")
     p.add_argument("--no-report", action="store_true", help="skip the before/after report (size, RSS, speed, quality)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress lines")
+    report_flags(p)
     p.set_defaults(handler=cmd_quantize)
 
 
@@ -196,8 +193,7 @@ def cmd_quantize(args):
         raise ValueError(f"{out} exists and is not empty; choose a new output folder")
     if args.method == "int4" and args.group_size not in quantize.GROUP_SIZES:
         raise ValueError(f"--group-size must be one of 32, 64, 128, got {args.group_size}")
-    if args.eval_limit < 1 or args.ppl_chars < 1:
-        raise ValueError("--eval-limit and --ppl-chars must be >= 1")
+    report_kw = report_kwargs(args)
     _check_source(args.model)
     t0 = time.time()
     lm = load_model(args.model, dtype="float32")
@@ -225,10 +221,8 @@ def cmd_quantize(args):
         return 0
     from llmkit.compress import report as R
 
-    kw = dict(eval_limit=args.eval_limit, ppl_chars=args.ppl_chars, wikitext=args.wikitext, hellaswag=args.hellaswag,
-              progress=sys.stderr.isatty())
-    rows = [R.measure(args.model, name=f"{Path(str(args.model)).name} (float32)", dtype="float32", **kw),
-            R.measure(out, name=f"{out.name} ({args.method})", run_seconds=seconds, **kw)]
+    rows = [R.measure(args.model, name=Path(str(args.model)).name, **report_kw),
+            R.measure(out, name=out.name, run_seconds=seconds, **report_kw)]
     notes = [f"quantization_config: {json.dumps(qc)}"]
     R.write_report(out, rows, notes)
     print(R.render(rows, notes))
