@@ -8,7 +8,10 @@ Decode tokens/s = tokens after the first / time after the first token (llama.cpp
 Rounds alternate between set-ups and each keeps its best of --repeats, because a shared machine's speed drifts.
 
 Per set-up also: peak RSS and time from process start to the first token of a fresh `llmkit chat` process (warm
-disk caches; llama.cpp: its load + prefill), and for llmkit's fastest set-up the batch-16 aggregate decode rate.
+disk caches; llama.cpp: its load + prefill), and for llmkit's fastest set-up the batch-16 aggregate decode rate, the
+prefill rate of a ~1,000-token WikiText-2 chat prompt with the prefix cache off against llama.cpp's (`--prompt-file`),
+and through a `llmkit serve` subprocess: one non-streaming client's decode rate ((64-token request - 1-token request)
+/ 64) against the same request in-process, and 16 concurrent streams' aggregate rate against one stream's.
 When a target is missed the JSON carries a profile of one decode step (time per op kind) and bytes of weights read
 per token against the measured memory bandwidth. Writes benchmarks/results/generate_speed.json.
 
@@ -29,7 +32,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_PROMPT = "Write a short story about a robot who learns to paint."
-TARGETS = {"decode_vs_llamacpp": 1.2, "chat_peak_rss_mb": 400, "start_to_first_token_s": 2.5, "batch16_vs_batch1": 6}
+# issue 23: decode >= 2x llama.cpp (must 1.5x), chat peak RSS <= 350 MB, one serve client within 10 % of in-process
+# decode, 16 serve streams >= 6x one, prefill of ~1,000 tokens >= 3x llama.cpp's, start to first token <= 1.5 s
+TARGETS = {"decode_vs_llamacpp": 2.0, "chat_peak_rss_mb": 350, "start_to_first_token_s": 1.5, "batch16_vs_batch1": 6,
+           "serve_vs_inprocess": 0.9, "serve16_vs_serve1": 6, "prefill_vs_llamacpp": 3.0}
+PREFILL_CHARS = 4400  # of WikiText-2 test text: ~1,000 tokens of chat prompt
 
 
 def cpu_model() -> str:
@@ -67,10 +74,11 @@ def find_llamacpp(arg) -> Path | None:
     return None
 
 
-def llamacpp_run(folder: Path, gguf: Path, tokens: int) -> dict:
+def llamacpp_run(folder: Path, gguf: Path, tokens: int, prompt_file: Path | None = None) -> dict:
+    extra = ["--prompt-file", str(prompt_file)] if prompt_file else []
     r = subprocess.run(["node", "bench.mjs", "--model", str(gguf), "--tokens", str(tokens), "--repeats", "1",
-                        "--ban-eos", "--threads", str(torch.get_num_threads())], cwd=folder, capture_output=True,
-                       text=True, timeout=600)
+                        "--ban-eos", "--threads", str(torch.get_num_threads())] + extra, cwd=folder,
+                       capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"llama.cpp bench failed: {r.stderr.strip()[-300:]}")
     return json.loads(r.stdout)
@@ -139,6 +147,79 @@ def weight_bytes(model) -> int:
     return total
 
 
+def prefill_text() -> str:
+    """~1,000 tokens of WikiText-2 test text (../shared when present, else the excerpt the tests ship)."""
+    for f in [ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt", ROOT / "tests" / "data" /
+              "wikitext2_test_2k_tokens.txt"]:
+        if f.exists():
+            text = " ".join(f.read_text(encoding="utf-8").split())
+            return text[:PREFILL_CHARS]
+    raise FileNotFoundError("no WikiText-2 text for the prefill prompt")
+
+
+def prefill_rate(engine, ids) -> float:
+    """Prompt tokens/s of one whole prefill (engine built with prefix_caching=False: nothing is served from memory)."""
+    from llmkit.infer.engine import SamplingParams
+
+    t = _timed(lambda: engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)))
+    return len(ids) / t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llmkit serve: one client against in-process decode, 16 streams against one
+
+
+def start_server(dtype: str):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", "--dtype", dtype, "--port", str(port)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    for line in p.stdout:  # "llmkit serving ..." once the port listens; models load behind it
+        if line.startswith("llmkit serving"):
+            break
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=5).json().get("status") == "ok":
+                return p, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    p.kill()
+    raise RuntimeError("llmkit serve did not become ready")
+
+
+def serve_request_s(url: str, tokens: int, stream: bool = False) -> float:
+    import httpx
+
+    body = {"model": "default", "messages": [{"role": "user", "content": USER_PROMPT}], "max_tokens": tokens,
+            "temperature": 0, "ignore_eos": True, "stream": stream}
+    t0 = time.perf_counter()
+    with httpx.Client(timeout=600) as c:
+        if stream:
+            with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                for _ in r.iter_lines():
+                    pass
+        else:
+            c.post(url + "/v1/chat/completions", json=body).raise_for_status()
+    return time.perf_counter() - t0
+
+
+def serve_streams_tok_s(url: str, clients: int, tokens: int) -> float:
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        list(ex.map(lambda _: serve_request_s(url, tokens, stream=True), range(clients)))
+    return clients * tokens / (time.perf_counter() - t0)
+
+
 def missed_targets(results) -> list[str]:
     return [k for k, v in TARGETS.items() if results.get(k) is not None and
             (results[k] > v if k in ("chat_peak_rss_mb", "start_to_first_token_s") else results[k] < v)]
@@ -159,6 +240,50 @@ def chat_only(args):
     results["command"] += " ; python " + " ".join(sys.argv)
     write_results(args.out, results)
     print(json.dumps({k: results[k] for k in ("chat_peak_rss_mb", "start_to_first_token_s", "targets_missed")}))
+
+
+def prefill_and_serve(args, engine, setup: str, llamacpp, gguf) -> dict:
+    """Prefill of ~1,000 tokens against llama.cpp's, then `llmkit serve`: one client against in-process decode, and
+    16 concurrent streams against one; each pair alternated, best of --repeats."""
+    import tempfile
+
+    from llmkit.infer.engine import Engine
+
+    out = {}
+    text = prefill_text()
+    cold = Engine(engine.model, engine.tok, engine.generation_config, prefix_caching=False)
+    pf_ids = engine.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+    ours, theirs = [], []
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+        f.write(text)
+        f.flush()
+        for _ in range(args.repeats):
+            ours.append(prefill_rate(cold, pf_ids))
+            if llamacpp:
+                theirs.append(llamacpp_run(llamacpp, gguf, 2, Path(f.name))["best_by_decode_tok_s"]["prefill_tok_s"])
+    out["prefill_prompt_tokens"], out["prefill_tok_s"] = len(pf_ids), round(max(ours), 1)
+    if theirs:
+        out["llamacpp_prefill_tok_s"] = round(max(theirs), 1)
+        out["prefill_vs_llamacpp"] = round(max(ours) / max(theirs), 2)
+    proc, url = start_server(setup)
+    try:
+        serve_request_s(url, 8)  # warm-up
+        inproc, served = [], []
+        for _ in range(args.repeats):
+            inproc.append(decode_rate(engine, engine.chat_prompt_ids([{"role": "user", "content": USER_PROMPT}]), 65))
+            served.append(64 / (serve_request_s(url, 65) - serve_request_s(url, 1)))
+        out["serve_one_client_tok_s"] = round(max(served), 1)
+        out["inprocess_same_request_tok_s"] = round(max(inproc), 1)
+        out["serve_vs_inprocess"] = round(max(served) / max(inproc), 2)
+        one = max(serve_streams_tok_s(url, 1, 64) for _ in range(args.repeats))
+        sixteen = max(serve_streams_tok_s(url, 16, 64) for _ in range(2))
+        out["serve_1_stream_tok_s"], out["serve_16_streams_tok_s"] = round(one, 1), round(sixteen, 1)
+        out["serve16_vs_serve1"] = round(sixteen / one, 2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return out
 
 
 def main():
@@ -226,6 +351,7 @@ def main():
     b1 = setup_rows[best]["decode_tok_s"]
     b16 = max(decode_rate(engines[best], ids, min(args.new_tokens, 64), 16) for _ in range(2))
     results["batch16_tok_s"], results["batch16_vs_batch1"] = round(b16, 2), round(b16 / b1, 2)
+    results.update(prefill_and_serve(args, engines[best], best, llamacpp, gguf))
     del engines
     for s in setups:  # fresh processes: peak RSS and start to first token of `llmkit chat`
         setup_rows[s].update(min((chat_process(s) for _ in range(2)), key=lambda r: r["start_to_first_token_s"]))

@@ -23,7 +23,9 @@ from llmkit.model.build import (DTYPES, QUANT_DTYPES, LoadedModel, build_model, 
 from llmkit.model.config import ModelConfig
 from llmkit.model.gguf import config_from_gguf, gguf_field, is_gguf, load_gguf, read_gguf  # noqa: F401
 from llmkit.model.hf_config import config_from_hf, config_to_hf  # noqa: F401
+from llmkit.model.tensor_file import TensorFile
 from llmkit.model.transformer import Transformer
+from llmkit.utils import heap
 from llmkit.utils.io import shared_mode, write_json
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,6 +93,7 @@ def load_model(spec: str | os.PathLike = "default", dtype=None, device="cpu") ->
     weights are quantized on load), or "auto" (the fastest here, timed once and cached: llmkit.model.auto_dtype). The
     default model loads with "auto" unless a dtype is given.
     """
+    heap.fix_mmap_threshold()  # layer-sized temporaries go back to the OS when freed (utils/heap.py)
     if dtype is None and str(spec) == "default":
         dtype = "auto"
     if dtype == "auto":
@@ -193,8 +196,9 @@ def merge_adapter(adapter_dir, out_dir, base: str | None = None, dtype=None) -> 
 def _build_quantized_folder(p: Path, cfg: ModelConfig, qc: dict, sd: dict, device) -> Transformer:
     if not isinstance(qc, dict) or qc.get("quant_method") not in ("llmkit", "gguf"):
         raise ValueError(f"{p / 'config.json'}: quantization_config {qc!r} is not llmkit's (int8/int4)")
+    # each layer's tensors are read from the file as it is built and dropped after: peak memory ~ the model plus one
+    # layer, not model + file (model.tensor_file)
     float_sd, quant = quant_io.split_state_dict(sd)
-    sd.clear()  # each layer's file tensors are freed once it is built: peak memory ~ the model, not model + file
     if not quant:
         raise ValueError(f"{p} says it is quantized but holds no quantized tensors (corrupt folder?)")
     try:
@@ -202,18 +206,8 @@ def _build_quantized_folder(p: Path, cfg: ModelConfig, qc: dict, sd: dict, devic
     except (RuntimeError, KeyError, IndexError) as e:  # wrong shapes: a damaged or hand-edited folder
         raise ValueError(f"{p}: quantized tensors do not fit the config ({str(e).splitlines()[0]})") from None
     model.quantization_config = qc
-    _release_freed_memory()
+    heap.trim()  # building packs each layer through short-lived buffers
     return model
-
-
-def _release_freed_memory():
-    # building packs each layer through short-lived buffers; glibc keeps their pages unless asked to return them
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _load_quantized(spec, method: str, device) -> LoadedModel:
@@ -229,22 +223,15 @@ def _load_quantized(spec, method: str, device) -> LoadedModel:
     return lm
 
 
-def _read_safetensors(p: Path) -> dict:
-    from safetensors.torch import load_file
-
+def _read_safetensors(p: Path):
+    """The folder's weights: {name: tensor}, each read from disk when looked up (model.tensor_file: no mapping)."""
     files = sorted(p.glob("*.safetensors"))
     files = [f for f in files if not f.name.startswith(("adapter_", "."))]
     if not files:
         if (p / "pytorch_model.bin").exists():
             return torch.load(p / "pytorch_model.bin", map_location="cpu", weights_only=True)
         raise ValueError(f"{p} has no model.safetensors")
-    sd = {}
-    for f in files:
-        try:
-            sd.update(load_file(str(f)))
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise ValueError(f"cannot read {f}: {e} (truncated or corrupt file? re-save or re-download it)") from None
-    return sd
+    return TensorFile(files)
 
 
 def _load_tokenizer(p: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 
@@ -64,15 +65,39 @@ def group_size_of(tensors: dict) -> int | None:
     return tensors["qweight"].shape[1] * 2 // tensors["scales"].shape[1]
 
 
-def split_state_dict(sd: dict) -> tuple[dict, dict]:
-    """(float tensors, {module name: portable quantized tensors}) of a quantized model's saved state dict."""
+def split_state_dict(sd) -> tuple[dict, dict]:
+    """(float tensors, {module name: portable quantized tensors}) of a quantized model's saved state dict.
+
+    The quantized layers' tensors are looked up in `sd` only when a layer is built (a model.tensor_file.TensorFile
+    reads them then), so a loader holds one layer's file tensors at a time."""
     quant = {}
     for name in sd:
         if name.endswith(".qweight"):
             mod = name[: -len(".qweight")]
-            quant[mod] = {k: sd[f"{mod}.{k}"] for k in QUANT_KEYS + ("bias",) if f"{mod}.{k}" in sd}
+            quant[mod] = _LayerTensors(sd, mod, [k for k in QUANT_KEYS + ("bias",) if f"{mod}.{k}" in sd])
     taken = {f"{m}.{k}" for m, t in quant.items() for k in t}
-    return {k: v for k, v in sd.items() if k not in taken}, quant
+    return {k: sd[k] for k in sd if k not in taken}, quant
+
+
+class _LayerTensors(Mapping):
+    """One quantized layer's tensors {key: tensor} in a state dict, looked up there when asked for."""
+
+    def __init__(self, sd, module: str, keys: list[str]):
+        self.sd, self.module, self.names = sd, module, keys
+
+    def __getitem__(self, k):
+        if k not in self.names:
+            raise KeyError(k)
+        return self.sd[f"{self.module}.{k}"]
+
+    def __contains__(self, k) -> bool:
+        return k in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def quantized_state_dict(model) -> dict:

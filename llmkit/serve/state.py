@@ -44,8 +44,11 @@ class ServeConfig:
     dtype: str | None = None
     device: str = "cpu"
     embedding_pooling: str = "auto"  # llmkit.infer.embed: auto|mean|last|cls
-    kv_cache_mb: float | None = None  # per model; None: a fifth of the free memory
+    kv_cache_mb: float | None = None  # per model; None: max_batch rows of up to 1,024 tokens (kvpool)
     batch_invariant: bool = False  # each request's tokens as if it ran alone (engine.DecodeBatch)
+    speculative: object = None  # "ngram" or a draft model (folder or Transformer): speculative decoding for greedy
+    # requests, the same tokens as without it (infer/speculative.py)
+    draft_tokens: int = 4  # tokens drafted per step with speculative
     guard: str | None = None  # policy YAML (llmkit.trust.guard): inputs checked, outputs guarded while streaming
     review_db: str | None = None  # SQLite file the guard's `flag` action queues texts in (llmkit.trust.review)
 
@@ -138,9 +141,15 @@ class ServerState:
                 if not lm.model.config.causal:  # an encoder: embeddings only
                     self.models[name] = Served(name, EncoderEngine(lm.model, lm.tokenizer, lm.model.config), None)
                     continue
+                draft = self.cfg.speculative  # "ngram", None, a draft model folder (loaded per served model)
+                if isinstance(draft, str) and draft != "ngram":
+                    draft = load_model(draft, dtype=self.cfg.dtype, device=self.cfg.device).model
                 engine = Engine(lm.model, lm.tokenizer, lm.generation_config, kv_cache_mb=self.cfg.kv_cache_mb,
-                                batch_invariant=self.cfg.batch_invariant)
+                                max_batch=self.cfg.max_batch,
+                                batch_invariant=self.cfg.batch_invariant, speculative=draft,
+                                draft_tokens=self.cfg.draft_tokens)
                 self.models[name] = Served(name, engine, self._scheduler(engine))
+                print(f"{name}: {engine.pool.describe()}", flush=True)
             if self.cfg.guard:
                 self.guard = Guard.from_file(self.cfg.guard)
                 if self.cfg.review_db:
