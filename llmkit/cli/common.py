@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import llmkit.cli.checks as checks
+from llmkit.cli.flags import check_speculative
 
 
 def device(args):
@@ -35,6 +36,7 @@ def load(args, check=None):
 def params(args, default_temperature=0.0):
     from llmkit.infer.engine import SamplingParams
 
+    check_speculative(args)  # fails before the model loads
     t = default_temperature if args.temperature is None else args.temperature
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=t, top_k=args.top_k, top_p=args.top_p,
                           min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -42,11 +44,22 @@ def params(args, default_temperature=0.0):
                           seed=args.seed, stop=args.stop)
 
 
+def draft_model(spec, dtype, device_name):
+    """--speculative: "ngram", None, or a draft model loaded from a folder or .gguf (same tokenizer as the model)."""
+    if spec in (None, "ngram"):
+        return spec
+    from llmkit.model.checkpoint import load_model
+
+    return load_model(spec, dtype=dtype, device=device_name).model
+
+
 def engine(lm, args):
     from llmkit.infer.engine import Engine
 
+    spec = draft_model(getattr(args, "speculative", None), args.dtype, device(args))
     return Engine(lm.model, lm.tokenizer, lm.generation_config, compile=args.compile, kv_cache_mb=args.kv_cache_mb,
-                  batch_invariant=args.batch_invariant)
+                  batch_invariant=args.batch_invariant, speculative=spec,
+                  draft_tokens=getattr(args, "draft_tokens", 4))
 
 
 def clean_config(args):
@@ -59,6 +72,15 @@ def clean_config(args):
                        langs=[x.strip() for x in args.lang.split(",") if x.strip()] if args.lang else [],
                        lang_threshold=args.lang_threshold,
                        pii=None if args.pii == "none" else args.pii)
+
+
+def run_config(args):
+    """RunConfig (where the datatrove pipeline runs) from parsed flags."""
+    from llmkit.data.pipeline import RunConfig
+
+    return RunConfig(executor=args.executor, tasks=args.tasks, workers=args.workers, work_dir=args.work_dir,
+                     partition=args.partition, time=args.slurm_time, cpus_per_task=args.cpus_per_task,
+                     mem_per_cpu_gb=args.mem_per_cpu_gb)
 
 
 def remove_partial(out):

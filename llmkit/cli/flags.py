@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,14 +45,47 @@ def sampling_flags(p):
 
 
 def kv_flag(p):
-    p.add_argument("--kv-cache-mb", type=float, default=None, help="bound on the KV cache in MB (default: a fifth "
-                   "of the free memory)")
+    p.add_argument("--kv-cache-mb", type=float, default=None, help="bound on the KV cache in MB (default: room "
+                   "for --max-batch rows of 1,024 tokens and one whole context, said at start-up)")
     p.add_argument("--batch-invariant", action="store_true", help="each request gets exactly the tokens it would "
                    "get alone, whatever runs beside it (each row its own forward; slower when batched)")
+    p.add_argument("--speculative", default=None, type=speculative_method, metavar="ngram|MODEL",
+                   help="speculative decoding for greedy requests, the same tokens as without it: ngram drafts by "
+                   "prompt lookup (pays on copy-heavy work: summaries, edits, code, RAG); a model folder or .gguf "
+                   "(same tokenizer, e.g. a distilled student) drafts with that model; verified k a step")
+    p.add_argument("--draft-tokens", default=4, type=draft_tokens, metavar="K", help="with --speculative: tokens "
+                   "drafted and verified per step, 1-16 (default 4)")
+
+
+def speculative_method(value: str) -> str:
+    if not value:
+        raise argparse.ArgumentTypeError("--speculative must be 'ngram' (prompt lookup) or a draft model folder or "
+                                         ".gguf file")
+    return value
+
+
+def check_speculative(args):
+    """Before anything loads: a draft model path that exists, and no --compile beside --speculative."""
+    spec = getattr(args, "speculative", None)
+    if spec and getattr(args, "compile", False):
+        raise ValueError("--speculative and --compile exclude each other: choose one")
+    if spec not in (None, "ngram", "default") and not Path(spec).exists():
+        raise FileNotFoundError(f"--speculative: {spec} is neither 'ngram' nor an existing model folder or .gguf file")
+
+
+def draft_tokens(value: str) -> int:
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= 16:
+        raise argparse.ArgumentTypeError(f"--draft-tokens must be an integer in 1..16, got {value!r}")
+    return k
 
 
 CLEAN_FLAGS = ("dedup", "near_threshold", "shingle", "num_perm", "min_chars", "quality", "lang", "lang_threshold",
-               "pii")
+               "pii", "executor", "tasks", "workers", "work_dir", "partition", "slurm_time", "cpus_per_task",
+               "mem_per_cpu_gb")
 
 
 def add_clean_flags(c, with_io: bool):
@@ -66,7 +100,7 @@ def add_clean_flags(c, with_io: bool):
     c.add_argument("--dedup", default="exact,near", help="comma list of exact, near (MinHash LSH) or none")
     c.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard similarity for near duplicates")
     c.add_argument("--shingle", type=int, default=5, help="word n-gram size of the MinHash shingles")
-    c.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+    c.add_argument("--num-perm", type=int, default=256, help="MinHash permutations")
     c.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this")
     c.add_argument("--quality", choices=["gopher", "c4", "both", "none"], default="none",
                    help="quality rules to apply (Gopher and/or C4)")
@@ -74,3 +108,48 @@ def add_clean_flags(c, with_io: bool):
     c.add_argument("--lang-threshold", type=float, default=0.5, help="keep a document when one of --lang has at "
                    "least this probability (py3langid, normalised)")
     c.add_argument("--pii", choices=["redact", "mask", "hash", "none"], default="none", help="PII in documents")
+    c.add_argument("--executor", choices=["local", "slurm", "ray"], default="local", help="where the datatrove "
+                   "pipeline runs: local processes (default), a Slurm cluster (sbatch, returns at once) or Ray")
+    c.add_argument("--tasks", type=int, default=1, help="tasks per stage (input files are split among them)")
+    c.add_argument("--workers", type=int, default=-1, help="tasks running at once (default: local: one per "
+                   "CPU; slurm/ray: no limit)")
+    c.add_argument("--work-dir", default=None, help="intermediate files: a folder or fsspec URL every node reaches "
+                   "(needed for slurm and ray; default: a temporary folder beside --out)")
+    c.add_argument("--partition", default=None, help="slurm: partition to submit to")
+    c.add_argument("--slurm-time", default="04:00:00", help="slurm: time limit per task")
+    c.add_argument("--cpus-per-task", type=int, default=1, help="slurm/ray: CPUs per task")
+    c.add_argument("--mem-per-cpu-gb", type=float, default=2.0, help="slurm/ray: memory per CPU in GB")
+
+
+# the report's default sizes: llmkit.compress.report's EVAL_LIMIT, PPL_CHARS, DECODE_TOKENS (a test checks they agree)
+REPORT_EVAL_LIMIT, REPORT_PPL_CHARS, REPORT_DECODE_TOKENS = 20, 4_000, 32
+
+
+def report_flags(p):
+    """Flags of the before/after report (llmkit.compress.report.measure): quantize, prune, distill, compare."""
+    a = p.add_argument
+    a("--eval-limit", type=int, default=REPORT_EVAL_LIMIT, help=f"HellaSwag items scored (default "
+      f"{REPORT_EVAL_LIMIT}; with the defaults a report of two rows of the default model takes about a minute on a "
+      "2-core CPU)")
+    a("--ppl-chars", type=int, default=REPORT_PPL_CHARS, help="characters (whole lines) of WikiText-2 test scored "
+      f"(default {REPORT_PPL_CHARS:,})")
+    a("--ppl-context", type=int, default=1024, help="perplexity window in tokens (default 1024)")
+    a("--wikitext", help="perplexity text (default: the 4,000-character WikiText-2 excerpt llmkit ships, "
+      "llmkit/eval/data)")
+    a("--hellaswag", help="HellaSwag-style {query, choices, label} JSONL (default: the 8 items llmkit ships)")
+    a("--decode-tokens", type=int, default=REPORT_DECODE_TOKENS, help="tokens decoded to time the decode rate, in a "
+      f"fresh process per model, fastest of 3 (default {REPORT_DECODE_TOKENS})")
+    a("--no-cache", dest="report_cache", action="store_false", help="measure every model again instead of reading "
+      "rows measured before from $LLMKIT_HOME/compress_report (same weights, data and settings)")
+
+
+def report_kwargs(args) -> dict:
+    """measure() keyword arguments from report_flags (and --no-progress)."""
+    for name in ("eval_limit", "ppl_chars", "decode_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.ppl_context < 2:
+        raise ValueError(f"--ppl-context must be >= 2, got {args.ppl_context}")
+    return dict(wikitext=args.wikitext, hellaswag=args.hellaswag, eval_limit=args.eval_limit,
+                ppl_chars=args.ppl_chars, context=args.ppl_context, decode_tokens=args.decode_tokens,
+                progress=getattr(args, "progress", True), use_cache=args.report_cache)

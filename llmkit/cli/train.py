@@ -72,10 +72,10 @@ def cmd_pretrain(args):
     skip = {"command", "handler", "clean", "clean_flags", *args.clean_flags}
     pc = config_from_flags({k: v for k, v in vars(args).items() if k not in skip})
     if args.clean:
-        from llmkit.data.clean import clean_for_training
+        from llmkit.data.pipeline import clean_for_training
 
-        pc.data = clean_for_training(pc.data, pc.out, common.clean_config(args), text_field=pc.text_field,
-                                     unit="line" if pc.lines else "doc")
+        pc.data = [clean_for_training(pc.data, pc.out, common.clean_config(args), common.run_config(args),
+                                      text_field=pc.text_field, unit="line" if pc.lines else "doc")]
     pretrain(pc)
 
 
@@ -84,15 +84,17 @@ def cmd_pretrain(args):
 
 
 def add_finetune(sub):
-    p = sub.add_parser("finetune", help="fine-tune a model (full or LoRA) for chat, instruct, classify or text")
+    p = sub.add_parser("finetune", help="fine-tune a model (full or LoRA) for chat, instruct, classify, tag or text")
     a = p.add_argument
     model_flags(p)
-    a("--data", required=True, help="chat JSONL ({messages}), Alpaca JSON/JSONL, CSV/TSV/JSONL (text, label) or .txt")
+    a("--data", required=True, help="chat JSONL ({messages}), Alpaca JSON/JSONL, CSV/TSV/JSONL (text, label), "
+      "CoNLL (token<TAB>tag) or JSONL {tokens, tags} for tag, or .txt")
     a("--out", required=True, help="output folder (adapter or model, checkpoints/, metrics.jsonl, loss.png)")
     a("--val-data", help="validation file (default: hold out --val-fraction of --data; under --dp-epsilon it must be "
       "public data, and without it validation is off)")
     a("--val-fraction", type=float, default=0.1, help="share of --data held out for validation (default 0.1)")
-    a("--task", choices=["chat", "instruct", "classify", "text"], help="default: detected from the file")
+    a("--task", choices=["chat", "instruct", "classify", "tag", "text"], help="default: detected from the file "
+      "(tag: token classification, IOB2/IOBES tags on each word's first sub-token)")
     a("--method", choices=["lora", "full"], default="lora", help="LoRA adapters (default) or all weights")
     a("--text-column", help="classify: column with the text (default: text/sentence/...)")
     a("--label-column", help="classify: column with the label (default: label/labels/...)")
@@ -168,7 +170,8 @@ def cmd_finetune(args):
 
         dp = DPConfig(args.dp_epsilon, args.dp_delta, args.max_grad_norm, args.dp_accountant)
     res = finetune(fc, tc, epochs=args.epochs, dp=dp)
-    keys = ("step", "train_loss", "val_loss", "val_acc", "val_accuracy", "val_macro_f1", "epsilon")
+    keys = ("step", "train_loss", "val_loss", "val_acc", "val_accuracy", "val_macro_f1", "val_precision", "val_recall",
+            "val_f1", "epsilon")
     print(" ".join(f"{k} {res[k]:.4g}" if isinstance(res[k], float) else f"{k} {res[k]}" for k in keys if k in res))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
@@ -176,24 +179,21 @@ def cmd_finetune(args):
 
 def clean_finetune_data(args) -> str:
     """finetune --clean: the cleaned copy of --data in OUT/clean/ (JSONL records, or .txt), with a report."""
-    from llmkit.data.clean import clean_for_training, clean_records
-    from llmkit.data.sft import read_task_data
-    from llmkit.utils.io import write_atomic, write_results
+    import tempfile
 
-    cfg = common.clean_config(args)
+    from llmkit.data.pipeline import clean_for_training
+    from llmkit.data.sft import read_task_data
+    from llmkit.utils.io import write_atomic
+
+    cfg, run = common.clean_config(args), common.run_config(args)
     data, kind = read_task_data(args.data)
-    folder = Path(args.out) / "clean"
     if kind == "text":
-        return clean_for_training([args.data], args.out, cfg)[0]
-    kept, report = clean_records(data, cfg)
-    if not kept:
-        raise ValueError(f"cleaning removed every record of {args.data}: {report['removed']}")
-    folder.mkdir(parents=True, exist_ok=True)
-    dst = folder / (Path(args.data).stem + ".jsonl")
-    write_atomic(dst, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    write_results(folder / f"{Path(args.data).stem}.report.json", {"input": str(args.data), **report})
-    print(f"[clean] {args.data}: kept {len(kept)} of {len(data)} records -> {dst}", file=sys.stderr)
-    return str(dst)
+        return clean_for_training([args.data], args.out, cfg, run)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp:  # records as JSONL, whatever file they came from
+        src = Path(tmp) / (Path(args.data).stem + ".jsonl")
+        write_atomic(src, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data))
+        return clean_for_training([src], args.out, cfg, run, records=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,14 +205,13 @@ def add_federate(sub):
     p = sub.add_parser("federate", help="federated LoRA fine-tuning on Flower (only adapter weights travel)")
     assert isinstance(p, Parser)
     a = p.add_argument
-    a("--role", choices=["local", "server", "client"], default="local",
-      help="local: server + --clients client processes on loopback (default); server: wait for remote clients on "
-      "--listen; client: connect to --server and train on --data (or its --shard of it)")
     a("--model", default="default", help="base model folder, .gguf or 'default'")
     a("--data", required=True, help="training data (classification CSV/TSV/JSONL, chat/instruct JSONL or .txt); "
       "the server holds out --val-fraction of it for its evaluation")
-    a("--out", help="output folder (server, local): final adapter, metrics.jsonl, federate.png")
-    a("--clients", type=int, default=4, help="number of clients (default 4)")
+    a("--out", required=True, help="output folder (written by the ServerApp): final adapter, metrics.jsonl, "
+      "federate.png")
+    a("--clients", type=int, default=4, help="number of clients: simulated SuperNodes, or the SuperNodes round 1 "
+      "waits for (default 4)")
     a("--rounds", type=int, default=5, help="federated rounds (default 5)")
     a("--split", default="iid", help="how --data is shared out: iid or dirichlet:ALPHA over labels (default iid)")
     a("--strategy", choices=["fedavg", "fedprox"], default="fedavg", help="aggregation (default fedavg)")
@@ -229,22 +228,23 @@ def add_federate(sub):
     a("--lora-targets", default="q,k,v,o", help="comma-separated: q,k,v,o,gate,up,down or all")
     a("--lora-layers", type=int, default=None, help="adapters on the top N blocks only")
     a("--seed", type=int, default=0, help="seed (splits, adapter initialisation); the same on every party")
-    a("--round-timeout", type=float, default=1800.0, help="seconds a round waits for its clients")
-    a("--connect-timeout", type=float, default=300.0, help="seconds to wait for clients to connect (or the server)")
+    a("--round-timeout", type=float, default=1800.0, help="seconds a round waits for its clients' replies")
+    a("--connect-timeout", type=float, default=300.0, help="seconds round 1 waits for --clients SuperNodes")
+    a("--client-cpus", type=float, default=1.0, help="simulation: CPUs per virtual client (Ray actor; default 1)")
     a("--dp-epsilon", type=float, default=None, help="server: client-level differential privacy (DP-FedAvg): clip "
       "each client's update, add calibrated Gaussian noise to their mean; the epsilon to spend over --rounds")
     a("--dp-delta", type=float, default=1e-5, help="server: delta of --dp-epsilon (default 1e-5)")
     a("--dp-clip", type=float, default=1.0, help="server: L2 bound on one client's adapter update (default 1.0)")
-    a("--listen", default="0.0.0.0:8080", help="server: address to listen on (default 0.0.0.0:8080)")
-    a("--server", help="client: the server's HOST:PORT")
-    a("--shard", help="client: I/K trains on shard I of --data split K ways with --split (default: all of --data)")
+    a("--write-app", metavar="DIR", help="do not run: write the Flower App (DIR/pyproject.toml, these flags as its "
+      "run config) for `flwr run DIR SUPERLINK` against SuperNodes started apart (docs/federated.md)")
+    a("-v", "--verbose", action="store_true", help="show Flower's and the clients' log lines too")
     p.set_defaults(handler=cmd_federate)
 
 
 def cmd_federate(args):
-    from llmkit.train.federated import FederateConfig, federate, run_client
+    from llmkit.train.federated import FederateConfig, federate, write_app
 
-    fc = FederateConfig(model=args.model, data=args.data, out=args.out or "", clients=args.clients,
+    fc = FederateConfig(model=args.model, data=args.data, out=args.out, clients=args.clients,
                         rounds=args.rounds, split=args.split, strategy=args.strategy, mu=args.mu,
                         fraction_fit=args.fraction_fit, local_steps=args.local_steps, batch_size=args.batch_size,
                         lr=args.lr, max_length=args.max_length, val_fraction=args.val_fraction, task=args.task,
@@ -252,24 +252,17 @@ def cmd_federate(args):
                         lora_targets=[t for t in args.lora_targets.split(",") if t.strip()],
                         lora_layers=args.lora_layers, seed=args.seed, round_timeout=args.round_timeout,
                         connect_timeout=args.connect_timeout, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta,
-                        dp_clip=args.dp_clip)
-    if args.role == "client":
-        if not args.server:
-            raise ValueError("--role client needs --server HOST:PORT")
-        if args.shard:
-            try:
-                i, k = (int(x) for x in args.shard.split("/"))
-            except ValueError:
-                raise ValueError(f"--shard must be I/K (e.g. 0/4), not {args.shard!r}") from None
-            if not 0 <= i < k:
-                raise ValueError(f"--shard {args.shard}: I must be in 0..K-1")
-            fc.clients = k
+                        dp_clip=args.dp_clip, client_cpus=args.client_cpus)
+    if args.write_app:
         fc.check()
-        run_client(fc, args.server, None if not args.shard else i)
+        app = write_app(args.write_app, fc)
+        print(f"wrote {app / 'pyproject.toml'}: run it with `flwr run {app} SUPERLINK --stream`", file=sys.stderr)
         return 0
-    if not args.out:
-        raise ValueError(f"--role {args.role} needs --out")
-    res = federate(fc, role=args.role, listen=args.listen if args.role == "server" else None)
+    try:
+        res = federate(fc, verbose=args.verbose)
+    except RuntimeError as e:  # Flower's run failed (its logs are in OUT/flower-logs): one line, exit 1
+        print(f"llmkit federate: {e}", file=sys.stderr)
+        return 1
     print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
