@@ -8,13 +8,12 @@ names the file and the line. Examples carry the word tag on each word's first su
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from llmkit.data.corpus import IGNORE
 from llmkit.infer.tag import encode_words
-from llmkit.utils.io import read_utf8
+from llmkit.utils.io import read_json_records, read_utf8
 
 TAG = re.compile(r"^(O|[BIES]-\S+)$")
 CONLL_SUFFIXES = (".conll", ".conllu", ".bio", ".iob", ".iob2", ".iobes", ".ner")
@@ -84,17 +83,9 @@ def sentences(data, kind: str, path="") -> list[tuple[list[str], list[str]]]:
 def read_tagged(path) -> list[tuple[list[str], list[str]]]:
     """(words, tags) of each sentence of a CoNLL or JSONL file."""
     p = Path(path)
-    raw = read_utf8(p)
     if p.suffix.lower() in (".jsonl", ".json"):
-        recs = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                try:
-                    recs.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {n} is not valid JSON ({e.msg})") from None
-        return sentences(recs, "records", path)
-    return sentences(raw, "text", path)
+        return sentences(read_json_records(p), "records", path)
+    return sentences(read_utf8(p), "text", path)
 
 
 def tag_set(tag_lists) -> dict[str, str]:
