@@ -1,5 +1,11 @@
 """Shared fixtures: the real default model is loaded once per test session."""
+import os
+
 import pytest
+
+# CLI runs in tests (and the processes they start) decode eagerly unless a test says otherwise: `--compile auto`
+# would start background builds of the compiled decode step (tests/infer/test_compiled.py tests it directly)
+os.environ.setdefault("LLMKIT_COMPILE", "off")
 
 
 @pytest.fixture(scope="session")

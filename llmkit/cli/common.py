@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import llmkit.cli.checks as checks
-from llmkit.cli.flags import check_speculative
+from llmkit.cli.flags import check_speculative, compile_mode
 
 
 def device(args):
@@ -57,9 +57,17 @@ def engine(lm, args):
     from llmkit.infer.engine import Engine
 
     spec = draft_model(getattr(args, "speculative", None), args.dtype, device(args))
-    return Engine(lm.model, lm.tokenizer, lm.generation_config, compile=args.compile, kv_cache_mb=args.kv_cache_mb,
-                  batch_invariant=args.batch_invariant, speculative=spec,
-                  draft_tokens=getattr(args, "draft_tokens", 4))
+    mode = {"on": True, "auto": "cached", "off": False}[compile_mode(args)]
+    e = Engine(lm.model, lm.tokenizer, lm.generation_config, compile=mode if spec is None else False,
+               kv_cache_mb=args.kv_cache_mb, batch_invariant=args.batch_invariant, speculative=spec,
+               draft_tokens=getattr(args, "draft_tokens", 4))
+    if mode == "cached" and spec is None:
+        from llmkit.infer.compiled import build_if_missing
+
+        note = build_if_missing(e, args.model, args.dtype)
+        if note:
+            print(f"[{note}]", file=sys.stderr)
+    return e
 
 
 def clean_config(args):

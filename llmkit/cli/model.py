@@ -42,6 +42,10 @@ def cmd_info(args):
             ("chat template", "yes" if lm.tokenizer is not None and getattr(lm.tokenizer, "chat_template", None)
              else "no")]
     rows += _auto_rows(args)
+    if cfg.causal:
+        from llmkit.infer.compiled import describe
+
+        rows.append(("compiled step", describe(m)))
     for k, v in rows:
         print(f"{k:<16} {v}")
     return 0

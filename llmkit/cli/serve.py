@@ -7,7 +7,7 @@ from pathlib import Path
 
 import llmkit.cli.checks as checks
 import llmkit.cli.common as common
-from llmkit.cli.flags import DTYPE_CHOICES, check_speculative, kv_flag
+from llmkit.cli.flags import DTYPE_CHOICES, check_speculative, compile_mode, kv_flag
 
 
 def add_serve(sub):
@@ -81,7 +81,7 @@ def serve_config(args):
                        embedding_pooling=args.embedding_pooling, dtype=args.dtype, device=common.device(args),
                        kv_cache_mb=args.kv_cache_mb, guard=args.guard, review_db=review_db,
                        batch_invariant=args.batch_invariant, speculative=args.speculative,
-                       draft_tokens=args.draft_tokens)
+                       draft_tokens=args.draft_tokens, compile=compile_mode(args))
 
 
 def cmd_serve(args):

@@ -12,6 +12,7 @@ Sampling parameters, the sampler and the per-request state are sampling.py's (re
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,9 +20,11 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from llmkit.infer import compiled
 from llmkit.infer.kvpool import TRIM_BYTES, BlockPool, trim_heap
 from llmkit.infer.speculative import Speculation, accepted_run
 from llmkit.model.linear import one_row_products
+from llmkit.model.logits import HEAD_MARGIN
 from llmkit.model.transformer import PackedKV, RowKV, Transformer
 from llmkit.infer.sampling import (  # noqa: F401  (re-exported: the public API has always been engine's)
     Completion, RequestState, SamplingParams, apply_penalties, filter_logits, sample_next, stop_prefix_len)
@@ -66,9 +69,10 @@ class DecodeBatch:
     """The running rows of one model: their KV cache, prefill, sampling, stops, logprobs and logits processors."""
 
     def __init__(self, model: Transformer, pool: BlockPool, max_rows: int = 64, prefill_chunk: int = 512,
-                 batch_invariant: bool = False, speculation: Speculation | None = None):
+                 batch_invariant: bool = False, speculation: Speculation | None = None, step=None):
         """batch_invariant: every row computes exactly what it would alone (see the note on batch invariance);
-        speculation: greedy rows draft and verify several tokens a step (speculative.py), with the same output."""
+        speculation: greedy rows draft and verify several tokens a step (speculative.py), with the same output;
+        step: a compiled.CompiledStep, which a row decoding alone (one token, no drafts) runs through."""
         if max_rows < 1 or prefill_chunk < max_rows:
             raise ValueError(f"need max_rows >= 1 and prefill_chunk >= max_rows, got {max_rows}, {prefill_chunk}")
         self.model, self.pool, self.cfg = model, pool, model.config
@@ -77,7 +81,7 @@ class DecodeBatch:
         self.device, self.dtype = param.device, model.activation_dtype
         self.rows: dict[int, _Row] = {}  # in admission order
         self._next_id = 0
-        self.spec = speculation
+        self.spec, self.compiled = speculation, step
         # dense products sum in another order for another row count: verified rows then run alone (speculative.py)
         self.row_invariant = not any(isinstance(m, nn.Linear) for m in model.modules())
 
@@ -167,10 +171,13 @@ class DecodeBatch:
         verifying = [(r, h) for r, h in picking if h.dim() == 2]
         picking = [(r, h) for r, h in picking if h.dim() == 1]
         if picking:
+            # plain greedy rows read only the argmax: only the logits that could be it are recomputed exactly
+            margin = 0.0 if all(_plain_greedy(r.state) for r, _ in picking) else HEAD_MARGIN
             with torch.inference_mode():  # one LM-head product for every row: the head is the largest weight
                 hs = torch.stack([h for _, h in picking])
                 # batch-invariant: a fresh tensor per row, so that even the alignment its kernels see is its own
-                logits = [self.model.logits(h[None])[0] for h in hs] if self.batch_invariant else self.model.logits(hs)
+                logits = [self.model.logits(h[None], margin)[0] for h in hs] if self.batch_invariant \
+                    else self.model.logits(hs, margin)
             self._sample([(r, lg) for (r, _), lg in zip(picking, logits)], events)
         if verifying:
             with torch.inference_mode(), one_row_products():  # each position's logits exactly as a one-token step's
@@ -243,13 +250,13 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def _run(self, plan) -> dict[int, torch.Tensor]:
-        if len(plan) == 1 and len(plan[0][1]) == 1 and self.model._compiled_layers is not None:
-            # batch-1 decode with Engine(compile=True): the compiled step runs on a KVCache view of the row
-            row, ids = plan[0]
-            view = row.kv.as_kvcache()
-            hidden = self.model(torch.tensor([ids], device=self.device), cache=view, head="hidden")[0]
-            row.kv.length = view.length[0]
-            return {row.state.id: hidden}
+        if self.compiled is not None and len(plan) == 1 and len(plan[0][1]) == 1 and self.compiled.fits(plan[0][0].kv):
+            row, ids = plan[0]  # one row decoding alone: the compiled step (compiled.py)
+            try:
+                return {row.state.id: self.compiled(ids[0], row.kv)}
+            except Exception as e:  # noqa: BLE001 (a library that fails: decode eagerly from now on)
+                warnings.warn(f"the compiled decode step failed, decoding eagerly instead: {str(e).splitlines()[0]}")
+                self.compiled.failed, self.compiled = True, None  # for this engine's later batches too
         packed = PackedKV([r.kv for r, _ in plan], [len(ids) for _, ids in plan])
         packed.stepwise = frozenset(j for j, (r, _) in enumerate(plan) if r.drafts)  # verified as one-token steps
         flat = torch.tensor([t for _, ids in plan for t in ids], device=self.device)[None]
@@ -380,6 +387,12 @@ class DecodeBatch:
         self._remove(row)
 
 
+def _plain_greedy(st: RequestState) -> bool:
+    """The token is the argmax of the raw logits and nothing else of them is read (no logprobs, penalties, processors)."""
+    p = st.p
+    return p.temperature == 0 and not (p.logprobs or p.top_logprobs or st.processors or p.penalized)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Engine
 
@@ -387,17 +400,22 @@ class DecodeBatch:
 class Engine:
     """Generates text from a Transformer and its tokenizer: generate (batched), stream and chat, through DecodeBatch."""
 
-    def __init__(self, model: Transformer, tokenizer, generation_config: dict | None = None, compile: bool = False,
+    def __init__(self, model: Transformer, tokenizer, generation_config: dict | None = None, compile=False,
                  kv_cache_mb: float | None = None, block_size: int = 16, max_batch: int = 64,
                  prefill_chunk: int = 512, prefix_caching: bool = True, batch_invariant: bool = False,
                  speculative=None, draft_tokens: int = 4):
-        """compile=True runs decode steps through torch.compile (Transformer.compile_decode); kv_cache_mb bounds the
+        """compile: a row decoding alone runs the compiled step (compiled.py): True loads it, building it first if
+        this machine has none for this model's structure (about 45 s); "cached" loads it only if built, and picks it
+        up as soon as it appears (a background build); False decodes eagerly. Either way the same numbers, to the bit
+        (docs/library/numerics.md). kv_cache_mb bounds the
         KV cache (default: max_batch rows of up to 1,024 tokens, see kvpool.default_kv_cache_mb);
         batch_invariant=True gives each request exactly the tokens it would get alone (see the note on batch
         invariance above), slower batched;
         speculative="ngram" (prompt lookup) or a draft Transformer drafts draft_tokens tokens a step for greedy
         requests, verified in one forward, with the same tokens as without it (speculative.py)."""
-        if speculative is not None and compile:  # the compiled step rounds unlike the eager verification forward
+        if compile not in (False, True, "cached"):
+            raise ValueError(f"compile must be False, True or 'cached', got {compile!r}")
+        if speculative is not None and compile is True:  # the compiled step rounds unlike the eager verification
             raise ValueError("speculative decoding and compile exclude each other: choose one")
         self.speculation = Speculation(speculative, draft_tokens) if speculative is not None else None
         if self.speculation is not None and self.speculation.method != "ngram":
@@ -406,8 +424,13 @@ class Engine:
                 raise ValueError(f"the draft model's vocabulary ({draft_vocab}) is not the model's "
                                  f"({model.config.vocab_size}): a draft model needs the same tokenizer")
         self.model, self.tok = model.eval().fuse_for_decode(), tokenizer  # fused q/k/v, gate/up: faster decode
-        if compile:
-            model.compile_decode()
+        self.step, self._step_path = None, None
+        if compile is True:
+            self.step = compiled.load(model, build_now=True)
+            if self.step is None:
+                raise ValueError(f"compile: {compiled.supported(model)}")
+        elif compile == "cached" and speculative is None:
+            self._step_path = compiled.package_path(model)
         self.config = model.config
         self.generation_config = dict(generation_config or {})
         param = next(model.parameters())
@@ -430,8 +453,10 @@ class Engine:
 
     def decode_batch(self, max_rows: int | None = None) -> DecodeBatch:
         """A new decode core on this engine's model and KV pool (the scheduler runs one; generate makes its own)."""
+        if self.step is None and self._step_path is not None and self._step_path.exists():  # built (since)
+            self.step = compiled.CompiledStep(self.model, self._step_path)
         return DecodeBatch(self.model, self.pool, max_rows or self.max_batch, self.prefill_chunk, self.batch_invariant,
-                           self.speculation)
+                           self.speculation, None if self.step is None or self.step.failed else self.step)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  processors: list | None = None) -> list[Completion]:

@@ -102,15 +102,6 @@ class RowKV:
         out.length = n
         return out
 
-    def as_kvcache(self) -> KVCache:
-        """This row as a one-row KVCache sharing its storage (the compiled decode step takes a KVCache)."""
-        c = KVCache.__new__(KVCache)
-        c.k, c.v = [k[None] for k in self.k], [v[None] for v in self.v]
-        c.valid = torch.ones(1, self.capacity, dtype=torch.bool, device=self.k.device)
-        c.length, c.n_tokens = [self.length], torch.tensor([self.length], device=self.k.device)
-        c.max_len, c.has_padding = self.capacity, False
-        return c
-
 
 class PackedKV:
     """The new tokens of several rows packed into one sequence (1, N) without padding.

@@ -23,8 +23,12 @@ EXACT_HEAD_ROWS = 16  # more rows than this: the whole head in float32 (the fast
 ROUNDING = 2.0 ** -8  # twice bf16's unit roundoff: per input element and for the rounded output (and scales)
 
 
-def head_logits(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Float32 logits (..., V) of an LM head on hidden states x (..., K), on every path (see above)."""
+def head_logits(head: nn.Module, x: torch.Tensor, margin: float = HEAD_MARGIN) -> torch.Tensor:
+    """Float32 logits (..., V) of an LM head on hidden states x (..., K), on every path (see above).
+
+    margin: logits that may lie within it of their row's best are exact. 0 keeps only the argmax exact (and every
+    logit that could be it): enough for a plain greedy pick, which reads nothing else (the decode core passes it for
+    rows with no penalties, processors or logprobs)."""
     if type(head) is nn.Linear and head.weight.dtype == torch.float32 and x.dtype == torch.float32:
         return fused_linear(x, head.weight, head.bias)  # already float32 from end to end
     if torch.is_grad_enabled() and type(head) is nn.Linear:
@@ -38,7 +42,10 @@ def head_logits(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = linear(head, x).reshape(len(x2), -1).float()
         if getattr(head, "act_dtype", None) != torch.float32 or x.dtype != torch.float32:  # the fast path rounded
             for s in range(len(y)) if alone else [None]:
-                _refine(y, x2, rows_of, head) if s is None else _refine(y[s:s + 1], x2[s:s + 1], rows_of, head)
+                if s is None:
+                    _refine(y, x2, rows_of, head, margin)
+                else:
+                    _refine(y[s:s + 1], x2[s:s + 1], rows_of, head, margin)
     return y.reshape(*shape[:-1], -1)
 
 
@@ -67,8 +74,8 @@ def _row_norms(head, rows_of, device) -> torch.Tensor:
     return cached[1]
 
 
-def _refine(y, x, rows_of, head):
-    """Recompute exactly, in place, every logit of y (M, V) that may lie within HEAD_MARGIN of its row's best.
+def _refine(y, x, rows_of, head, margin: float = HEAD_MARGIN):
+    """Recompute exactly, in place, every logit of y (M, V) that may lie within margin of its row's best.
 
     The fast path rounds each input to bf16, may round the scales, and rounds the output: |error| <= 2^-8 (||w_n||
     ||x|| + |y_n|) with a factor of two to spare (Cauchy-Schwarz on the inputs' rounding), plus, where the kernel
@@ -82,7 +89,7 @@ def _refine(y, x, rows_of, head):
         bound.addcmul_(step[None], x.abs().sum(1, keepdim=True), value=0.5)
     upper = y + bound
     floor = (y - bound).amax(1, keepdim=True)
-    near = upper >= floor - HEAD_MARGIN
+    near = upper >= floor - margin
     n = int(near.sum(1).max())
     if len(y) == 1 and n <= HEAD_CAP:
         cand = near[0].nonzero().T  # (1, n)

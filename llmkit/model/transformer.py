@@ -6,7 +6,6 @@ folders load without renaming; checkpoint.py maps GPT-2 and BERT names onto thes
 from __future__ import annotations
 
 import math
-import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from llmkit.model.config import ModelConfig
 from llmkit.model.kvcache import KVCache, PackedKV, PackedLayer, RowKV  # noqa: F401  (re-exported)
 from llmkit.model.linear import LOW_PRECISION, _fuse, _still_fused, fused_linear, linear
-from llmkit.model.logits import head_logits
+from llmkit.model.logits import HEAD_MARGIN, head_logits
 
 
 def activation(name: str):
@@ -35,9 +34,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x):
-        if x.dtype == torch.float32:  # one fused op; same arithmetic as below
-            w = self.weight
-            return F.rms_norm(x, (x.shape[-1],), w if w.dtype == torch.float32 else w.float(), eps=self.eps)
+        if x.dtype == torch.float32:
+            w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+            # the mean square summed in float64 and rounded once: the same float32 number in whatever order a kernel
+            # sums (torch's eager kernels and the compiled decode step's generated C++ sum in different orders, and
+            # a last-bit difference here could flip a bf16 rounding at the next kernel input; infer/compiled.py)
+            ms = x.double().square().mean(-1, keepdim=True).float()
+            return x * torch.rsqrt(ms + self.eps) * w
         # computed in float32 as transformers' LlamaRMSNorm does, then cast back before the weight
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -106,7 +109,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.o_bias, device=device)
 
     def fuse(self):
-        self.fused = _fuse([self.q_proj, self.k_proj, self.v_proj])
+        _register_fused(self, _fuse([self.q_proj, self.k_proj, self.v_proj]))
+
+    fused = property(lambda self: _fused(self))
 
     def forward(self, x, rope, mask, kv, slots):
         """kv: this layer's (keys, values) cache buffers, or None; slots: where the new tokens go (_cache_step)."""
@@ -163,6 +168,18 @@ class Attention(nn.Module):
         return kc[:, :, :end], vc[:, :, :end]
 
 
+def _register_fused(m: nn.Module, fused):
+    # buffers, not plain attributes: .to() moves them and the compiled decode step (infer/compiled.py) takes every
+    # tensor the forward reads as an input; non-persistent, so checkpoints are unchanged
+    m.register_buffer("fused_weight", fused[0], persistent=False)
+    m.register_buffer("fused_bias", fused[1], persistent=False)
+
+
+def _fused(m: nn.Module):
+    w = m._buffers.get("fused_weight")
+    return None if w is None else (w, m._buffers.get("fused_bias"))
+
+
 def attention_math(q, k, v, mask=None, is_causal=False):
     """SDPA's result in plain ops (no dropout), plus the attention weights (B, H, Tq, Tk); keys/values may have
     fewer heads (GQA). mask: bool (True = may attend) or additive float, as SDPA takes it."""
@@ -206,7 +223,9 @@ class MLP(nn.Module):
 
     def fuse(self):
         if self.swiglu:
-            self.fused = _fuse([self.gate_proj, self.up_proj])
+            _register_fused(self, _fuse([self.gate_proj, self.up_proj]))
+
+    fused = property(lambda self: _fused(self))
 
     def forward(self, x):
         if not self.swiglu:
@@ -268,7 +287,6 @@ class Transformer(nn.Module):
         """device="meta" builds the structure without memory or init (checkpoint loading fills it)."""
         super().__init__()
         self.config = cfg
-        self._compiled_layers = None  # see compile_decode
         with _no_init() if str(device) == "meta" else nullcontext():
             self._build(cfg, device)
 
@@ -382,10 +400,7 @@ class Transformer(nn.Module):
         rope = None
         if cfg.position == "rope":
             rope = tuple(t[positions].unsqueeze(1).to(x.dtype) for t in (self.rope_cos, self.rope_sin))
-        if mask is True and self._compiled_layers is not None and self._fusion_intact():
-            x = self._compiled_step(x, rope, cache, slots)
-        else:
-            x = self._layers(x, rope, mask, cache, slots)
+        x = self._layers(x, rope, mask, cache, slots)
         if isinstance(cache, PackedKV):
             cache.advance()
         elif cache is not None:
@@ -403,48 +418,15 @@ class Transformer(nn.Module):
             x = self.mlm_norm(activation(cfg.activation)(linear(self.mlm_dense, x)))
         return head_logits(self.lm_head, x)
 
-    def logits(self, hidden):
-        """Float32 LM-head logits of hidden states (B, ..., C) from head="hidden" (decoders without MLM transform)."""
-        return head_logits(self.lm_head, hidden)
+    def logits(self, hidden, margin: float = HEAD_MARGIN):
+        """Float32 LM-head logits of hidden states (B, ..., C) from head="hidden" (decoders without MLM transform);
+        margin: see model.logits.head_logits."""
+        return head_logits(self.lm_head, hidden, margin)
 
     def _layers(self, x, rope, mask, cache, slots):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, None if cache is None else cache.layer(i), slots)
         return self.norm(x) if self.config.final_norm else x
-
-    # -----------------------------------------------------------------------------------------------------------
-    # Compiled decode steps
-    #
-    # In eager mode a one-token step runs ~50 small ops per layer, a few microseconds each: on a CPU that is about a
-    # third of a batch-1 step of the default model. torch.compile (inductor) fuses them; matrix products stay torch's.
-    # Only steps that need no mask (decode without padding, every row at the same length) take this path, with
-    # dynamic shapes so that growing caches and other batch sizes reuse one graph. The graph spans all layers: one
-    # compiled block called per layer would trace in seconds, but its per-call checks cost most of the gain.
-
-    def compile_decode(self):
-        """Run one-token decode steps through torch.compile; the first step compiles (30-60 s on a 2-core CPU)."""
-        self.fuse_for_decode()
-        self._compiled_layers = torch.compile(self._layers, dynamic=True)
-        return self
-
-    def _compiled_step(self, x, rope, cache, slots):
-        try:
-            return self._compiled_layers(x, rope, True, cache, slots)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            # no C++ compiler, an unsupported op...: nothing ran yet, so continue in eager mode
-            warnings.warn(f"torch.compile failed, decoding in eager mode instead: {str(e).splitlines()[0]}")
-            self._compiled_layers = None
-            return self._layers(x, rope, True, cache, slots)
-
-    def _fusion_intact(self) -> bool:
-        # the compiled graph reads the fused buffers without checking them: take it only while they are current
-        for layer in self.layers:
-            a, m = layer.self_attn, layer.mlp
-            if getattr(a, "fused", None) is not None and not _still_fused(a.fused, (a.q_proj, a.k_proj, a.v_proj)):
-                return False
-            if getattr(m, "fused", None) is not None and not _still_fused(m.fused, (m.gate_proj, m.up_proj)):
-                return False
-        return True
 
     def classify(self, x, input_ids, real):
         """Sequence classification logits from hidden states: [CLS] + pooler for encoders, last real token otherwise."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from llmkit.infer.compiled import build_if_missing
 from llmkit.infer.engine import Engine
 from llmkit.infer.scheduler import Scheduler
 from llmkit.serve.auth import Key, KeyRing, RateLimited, read_key_file
@@ -49,6 +50,8 @@ class ServeConfig:
     speculative: object = None  # "ngram" or a draft model (folder or Transformer): speculative decoding for greedy
     # requests, the same tokens as without it (infer/speculative.py)
     draft_tokens: int = 4  # tokens drafted per step with speculative
+    compile: str = "off"  # the compiled batch-1 decode step (infer/compiled.py): "auto" (cached, else built in the
+    # background), "on" (built before serving) or "off"
     guard: str | None = None  # policy YAML (llmkit.trust.guard): inputs checked, outputs guarded while streaming
     review_db: str | None = None  # SQLite file the guard's `flag` action queues texts in (llmkit.trust.review)
 
@@ -144,10 +147,14 @@ class ServerState:
                 draft = self.cfg.speculative  # "ngram", None, a draft model folder (loaded per served model)
                 if isinstance(draft, str) and draft != "ngram":
                     draft = load_model(draft, dtype=self.cfg.dtype, device=self.cfg.device).model
+                mode = {"on": True, "auto": "cached", "off": False}[self.cfg.compile] if draft is None else False
                 engine = Engine(lm.model, lm.tokenizer, lm.generation_config, kv_cache_mb=self.cfg.kv_cache_mb,
-                                max_batch=self.cfg.max_batch,
+                                max_batch=self.cfg.max_batch, compile=mode,
                                 batch_invariant=self.cfg.batch_invariant, speculative=draft,
                                 draft_tokens=self.cfg.draft_tokens)
+                note = build_if_missing(engine, spec, self.cfg.dtype) if mode == "cached" else None
+                if note:
+                    print(f"{name}: {note}", flush=True)
                 self.models[name] = Served(name, engine, self._scheduler(engine))
                 print(f"{name}: {engine.pool.describe()}", flush=True)
             if self.cfg.guard:

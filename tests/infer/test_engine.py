@@ -140,18 +140,6 @@ def test_bfloat16_decode_equals_full_forward(tok):
     assert got.token_ids == want
 
 
-def test_compiled_decode_equals_eager(tok):
-    """Engine(compile=True): the same greedy tokens as eager decoding, alone and in a batch of equal lengths."""
-    eager = Engine(random_model(tok.vocab_size), tok)
-    compiled = Engine(random_model(tok.vocab_size), tok, compile=True)
-    prompts = [tok.encode("The quick brown fox"), tok.encode("A small model that")]
-    prompts[1] = prompts[1][:len(prompts[0])]  # same length: no padding, so the batch takes the compiled path too
-    for batch in ([prompts[0]], prompts):
-        want = [c.token_ids for c in eager.generate(batch, GREEDY)]
-        assert [c.token_ids for c in compiled.generate(batch, GREEDY)] == want
-    assert compiled.model._compiled_layers is not None  # it compiled, rather than falling back to eager
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 3: sampling
 

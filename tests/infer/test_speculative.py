@@ -202,7 +202,7 @@ def test_cli_flags(tmp_path, capsys):
     args = build_parser().parse_args(["serve", "--speculative", "ngram", "--draft-tokens", "6", "--port", "0"])
     cfg = serve_config(args)
     assert (cfg.speculative, cfg.draft_tokens) == ("ngram", 6)
-    args = build_parser().parse_args(["chat", "--speculative", "ngram", "--compile"])
+    args = build_parser().parse_args(["chat", "--speculative", "ngram", "--compile", "on"])
     with pytest.raises(ValueError, match="exclude each other"):
         params(args)
 

@@ -86,5 +86,7 @@ def test_all_named_quantizations_match_transformers(tmp_path):
     with torch.inference_mode():
         ours, ref = lm.model(ids), hf.eval()(ids).logits
     assert ref.abs().max() > 0.1  # a real signal, not all zeros
-    assert (ours - ref).abs().max() <= 1e-4
+    # logits up to ~900 here, so float32 rounding, not 1e-4 absolute: llmkit's RMSNorm sums its mean square in float64,
+    # transformers' in float32 (measured at most 9.5e-4 = 1.1e-6 of the largest logit)
+    assert (ours - ref).abs().max() <= 3e-6 * ref.abs().max()
     assert lm.config.n_kv_head == N_KV and not lm.config.tie_word_embeddings

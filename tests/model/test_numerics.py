@@ -61,6 +61,25 @@ def test_quantized_head_logits_are_float32_and_exact_on_top(kernel_input, method
     assert ((y - ref).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("kernel_input", KERNEL_INPUTS, ids=["f32-in", "bf16-in"])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_greedy_margin_keeps_the_argmax_exact(kernel_input, method, rows):
+    """margin=0 (plain greedy rows): only the logits that could be the argmax are recomputed; the argmax and its
+    logit are still the float32 ones, and every logit stays within the fast kernel's bound."""
+    m = _tiny(seed=3)
+    Q.quantize_model(m, method, 32)
+    Q.set_act_dtype(m, kernel_input)
+    for _ in range(5):
+        x = torch.randn(rows, m.config.n_embd) * 3
+        with torch.inference_mode():
+            y = m.logits(x, margin=0.0)
+        ref = _exact(m.lm_head, x)
+        top = ref.argmax(1, keepdim=True)
+        assert torch.equal(y.argmax(1, keepdim=True), top)
+        assert torch.allclose(y.gather(1, top), ref.gather(1, top), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 17])
 def test_bf16_weights_give_float32_logits_exact_on_top(rows):
     """bf16 weights: one or two rows take torch's bf16 GEMV (bf16 outputs), more a float32 GEMM; the logits are
@@ -307,3 +326,13 @@ def test_a_dense_head_changed_after_its_first_logits_is_measured_again():
     ref = x @ m.lm_head.weight.float().T
     near = ref >= ref.amax(1, keepdim=True) - HEAD_MARGIN + 0.5
     assert torch.allclose(y[near], ref[near], rtol=1e-5, atol=1e-5) and torch.equal(y.argmax(1), ref.argmax(1))
+
+
+def test_plain_greedy_tokens_equal_the_full_margin_ones(default_int4):
+    """The decode core refines only the argmax's candidates for plain greedy rows; asking for logprobs (full margin)
+    gives the same tokens."""
+    e = Engine(default_int4.model, default_int4.tokenizer, default_int4.generation_config)
+    msgs = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+    plain = e.chat(msgs, SamplingParams(temperature=0, max_new_tokens=48))
+    full = e.chat(msgs, SamplingParams(temperature=0, max_new_tokens=48, logprobs=True))
+    assert plain.token_ids == full.token_ids
