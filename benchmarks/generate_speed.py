@@ -1,9 +1,11 @@
 """Decode speed of the default model: llmkit in each weight format against llama.cpp on the same GGUF and prompt.
 
 Set-ups: llmkit int4 (the shipped Q4_1 blocks loaded as they are, embedding/head Q8_0 -> int8), float32 and bfloat16
-(the same weights dequantized), and llama.cpp (prebuilt v0.5.0 CPU binaries through node-llama-cpp, see
-../shared/tools/llamacpp-bench; skipped with a note when it is not installed). Prompt: the chat-templated "Write a
-short story about a robot who learns to paint." (42 tokens), greedy, EOS ignored, --new-tokens new tokens, batch 1.
+(the same weights dequantized), each as `llmkit chat` runs it once its compiled batch-1 step is built (built here
+first, or loaded from $LLMKIT_HOME/compiled; the first set-up also eagerly, `--compile off`, beside), and llama.cpp
+(prebuilt v0.5.0 CPU binaries through node-llama-cpp, see ../shared/tools/llamacpp-bench; skipped with a note when it
+is not installed). Prompt: the chat-templated "Write a short story about a robot who learns to paint." (42 tokens),
+greedy, EOS ignored, --new-tokens new tokens, batch 1.
 Decode tokens/s = tokens after the first / time after the first token (llama.cpp's bench reports the same).
 Rounds alternate between set-ups and each keeps its best of --repeats, because a shared machine's speed drifts.
 
@@ -294,6 +296,8 @@ def main():
     ap.add_argument("--llamacpp", default=None, help="llamacpp-bench folder with node_modules installed")
     ap.add_argument("--threads", type=int, default=None, help="threads for llmkit and llama.cpp alike (default: "
                     "torch's); 1 is fairer on a machine other jobs load (spinning thread pools stall there)")
+    ap.add_argument("--no-eager", action="store_true", help="skip timing the first set-up eagerly (`--compile off`) "
+                    "beside the default (the compiled batch-1 step, as `llmkit chat` runs it once it is built)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate_speed.json"))
     ap.add_argument("--chat-only", action="store_true", help="re-measure only the fresh `llmkit chat` processes "
                     "(peak RSS, start to first token) and update them in the existing results JSON")
@@ -311,17 +315,26 @@ def main():
     gguf = default_gguf_path()
     setups = args.setups.split(",")
     engines, ids = {}, None
+    from llmkit.infer import compiled
+
+    build_s = {}
     for s in setups:
         lm = load_model("default", dtype=s)
-        engines[s] = Engine(lm.model, lm.tokenizer, lm.generation_config)
+        t0 = time.perf_counter()  # as `llmkit chat` runs once its background build is done: built here first
+        compiled.load(lm.model.eval().fuse_for_decode(), build_now=True)
+        build_s[s] = round(time.perf_counter() - t0, 1)
+        engines[s] = Engine(lm.model, lm.tokenizer, lm.generation_config, compile="cached")
         ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": USER_PROMPT}],
                                                add_generation_prompt=True, tokenize=True)
+    if not args.no_eager:
+        lm = load_model("default", dtype=setups[0])
+        engines[setups[0] + "+eager"] = Engine(lm.model, lm.tokenizer, lm.generation_config, compile=False)
     llamacpp = find_llamacpp(args.llamacpp)
     results = {"cpu": cpu_model(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "targets": TARGETS,
                "machine_note": "shared 2-core machine loaded by other jobs during the run: compare ratios only",
                "memory_read_gbs": round(memory_bandwidth_gbs(), 2)}
-    rates = {s: [] for s in setups}
+    rates = {s: [] for s in engines}
     lc_runs = []
     for e in engines.values():
         decode_rate(e, ids, 4)  # warm-up
@@ -332,6 +345,12 @@ def main():
             lc_runs.append(llamacpp_run(llamacpp, gguf, args.new_tokens))
     setup_rows = {s: {"decode_tok_s": round(max(r), 2), "weight_bytes": weight_bytes(engines[s].model)}
                   for s, r in rates.items()}
+    results["compiled_step"] = {s: {"library": str(engines[s].step.path) if engines[s].step else None,
+                                    "load_or_build_s": build_s[s]} for s in setups}
+    if not args.no_eager:  # reported beside the default, never taken as "the" set-up
+        row = setup_rows.pop(setups[0] + "+eager")
+        results["eager"] = {"setup": setups[0] + " --compile off", "decode_tok_s": row["decode_tok_s"]}
+        del engines[setups[0] + "+eager"]
     best = max(setup_rows, key=lambda s: setup_rows[s]["decode_tok_s"])
     results["llmkit_best_setup"] = best
     results["llmkit_decode_tok_s"] = setup_rows[best]["decode_tok_s"]
@@ -343,6 +362,9 @@ def main():
                                "load_to_first_token_s": round(lc_best.get("load_s", 0) + lc.get("prefill_s", 0), 3),
                                "prompt_tokens": lc.get("prompt_tokens"), "version": "node-llama-cpp 3.22.1 (v0.5.0)"}
         results["decode_vs_llamacpp"] = round(results["llmkit_decode_tok_s"] / results["llamacpp"]["decode_tok_s"], 2)
+        if not args.no_eager:
+            results["eager"]["vs_llamacpp"] = round(results["eager"]["decode_tok_s"]
+                                                    / results["llamacpp"]["decode_tok_s"], 2)
     else:
         results["llamacpp"] = None
         results["llamacpp_note"] = ("llama.cpp baseline skipped: copy ../shared/tools/llamacpp-bench to /tmp and run "
