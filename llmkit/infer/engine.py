@@ -388,7 +388,8 @@ class DecodeBatch:
 
 
 def _plain_greedy(st: RequestState) -> bool:
-    """The token is the argmax of the raw logits and nothing else of them is read (no logprobs, penalties, processors)."""
+    """The token is the argmax of the raw logits, and nothing else of them is read (no logprobs, penalties or
+    processors)."""
     p = st.p
     return p.temperature == 0 and not (p.logprobs or p.top_logprobs or st.processors or p.penalized)
 
