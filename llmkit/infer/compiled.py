@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ from llmkit.model.kvcache import PackedKV, PackedLayer, RowKV
 
 CODE = [Path(__file__)] + [Path(__file__).parents[1] / "model" / f for f in
                            ("transformer.py", "kvcache.py", "linear.py", "quant.py", "config.py")]
-FORMAT = 1  # bump when the step's inputs change
+FORMAT = 2  # bump when the step's inputs or shapes change
 
 
 def compiled_dir() -> Path:
@@ -122,6 +123,11 @@ def step_key(model) -> str:
     return h.hexdigest()[:24]
 
 
+def max_capacity(cfg) -> int:
+    """The largest KV capacity the library takes: a row's capacity grows in whole blocks, so it may pass the context."""
+    return cfg.max_position_embeddings + 4096
+
+
 def supported(model) -> str | None:
     """Why the compiled step cannot serve this model, or None when it can."""
     cfg = model.config
@@ -151,12 +157,13 @@ def build(model, path: Path, log=None) -> Path:
     cap = min(64, cfg.max_position_embeddings)
     ks = [torch.zeros(cfg.n_kv_head, cap, cfg.head_dim, dtype=model.activation_dtype) for _ in range(cfg.n_layer)]
     vs = [torch.zeros_like(k) for k in ks]
-    n, c = Dim("n", min=2, max=cfg.max_position_embeddings), Dim("capacity", min=2, max=cfg.max_position_embeddings)
+    n, c = Dim("n", min=2, max=cfg.max_position_embeddings), Dim("capacity", min=2, max=max_capacity(cfg))
     args = (torch.tensor([[0]]), torch.tensor([9]), ks, vs, torch.empty(10), step.tensors)
     shapes = {"ids": None, "slot": None, "ks": [{1: c}] * len(ks), "vs": [{1: c}] * len(vs), "ctx": {0: n},
               "tensors": [None] * len(step.tensors)}
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))  # torch's own, about its internals
         ep = export(step, args, dynamic_shapes=shapes, strict=False)
     used = {n.name for n in ep.graph.nodes if n.op == "placeholder" and n.users}
     baked = [s.target for s in ep.graph_signature.input_specs if s.kind != InputKind.USER_INPUT and s.arg.name in used]
@@ -169,8 +176,10 @@ def build(model, path: Path, log=None) -> Path:
     try:
         # no fused multiply-adds and no unsafe math whatever the environment says: the generated code must compute
         # what the eager kernels compute (torch's own defaults, pinned)
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs={
-            "cpp.enable_floating_point_contract_flag": "off", "cpp.enable_unsafe_math_opt_flag": False})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs={
+                "cpp.enable_floating_point_contract_flag": "off", "cpp.enable_unsafe_math_opt_flag": False})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -188,11 +197,12 @@ class CompiledStep:
         # torch's C++ loader straight away: torch._inductor (what aoti_load_package imports) takes a second to import
         self._run = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, -1).boxed_run
         cfg = model.config
-        self.max_len = cfg.max_position_embeddings
+        self.max_len, self.max_capacity = cfg.max_position_embeddings, max_capacity(cfg)
         self._ctx = torch.empty(self.max_len)
 
     def fits(self, kv: RowKV) -> bool:
-        return 1 <= kv.length and kv.length + 1 <= min(kv.capacity, self.max_len) and kv.capacity >= 2
+        """The shapes the library was exported for (others run eagerly, with the same numbers)."""
+        return 1 <= kv.length and kv.length + 1 <= min(kv.capacity, self.max_len) and kv.capacity <= self.max_capacity
 
     def __call__(self, token: int, kv: RowKV) -> torch.Tensor:
         views = kv.__dict__.get("_layer_views")
@@ -213,10 +223,7 @@ def load(model, build_now: bool = False, log=None) -> CompiledStep | None:
     if not path.exists():
         if not build_now:
             return None
-        with _lock(path) as held:
-            if not held:  # another process is building it: wait for it
-                with _lock(path, wait=True):
-                    pass
+        with _lock(path, wait=True):  # another process building it: wait for it, then use its library
             if not path.exists():
                 build(model, path, log)
     return CompiledStep(model, path)
