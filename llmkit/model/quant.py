@@ -250,9 +250,8 @@ class Int8Linear(QuantLinear):
 def _rows_from_blocks(q: torch.Tensor, d: torch.Tensor, chunk: int = 4096):
     """int8 blocks of 32 with scales d (N, K/32) -> (q8 (N, K), one scale per row), rounding to the nearest.
 
-    A few thousand rows at a time: a whole token table in float32 would be a transient several times its size. The
-    blocks' largest |q| is found in int8 and the rest runs in place (3x faster than out-of-place float copies; the
-    same numbers)."""
+    A few thousand rows at a time (a whole table in float32 would be a large transient); largest |q| in integers,
+    the rest in place: 3x faster than float copies, the same numbers."""
     n, k = q.shape
     q8, scales = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
     for s in range(0, n, chunk):
