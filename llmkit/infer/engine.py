@@ -416,7 +416,7 @@ class Engine:
         requests, verified in one forward, with the same tokens as without it (speculative.py)."""
         if compile not in (False, True, "cached"):
             raise ValueError(f"compile must be False, True or 'cached', got {compile!r}")
-        if speculative is not None and compile is True:  # the compiled step rounds unlike the eager verification
+        if speculative is not None and compile is True:  # a speculating engine decodes eagerly (not tested together)
             raise ValueError("speculative decoding and compile exclude each other: choose one")
         self.speculation = Speculation(speculative, draft_tokens) if speculative is not None else None
         if self.speculation is not None and self.speculation.method != "ngram":
