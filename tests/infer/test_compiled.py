@@ -156,3 +156,24 @@ def test_auto_starts_one_background_build(tok, monkeypatch):  # noqa: F811
     e._step_path.with_name(e._step_path.name + ".failed").write_text("RuntimeError: no\n")
     assert "failed to build" in compiled.build_if_missing(e, "some/model", "int4")  # not retried at every start
     assert len(started) == 1
+
+
+def test_compile_flag_env_and_serve_config(monkeypatch, capsys):
+    """--compile beats $LLMKIT_COMPILE, which beats the default (auto); a bad value is a clear error (exit 2 for the
+    flag); serve passes the mode on."""
+    from llmkit.cli import build_parser
+    from llmkit.cli.flags import compile_mode
+    from llmkit.cli.serve import serve_config
+
+    monkeypatch.delenv("LLMKIT_COMPILE", raising=False)
+    assert compile_mode(build_parser().parse_args(["chat"])) == "auto"
+    monkeypatch.setenv("LLMKIT_COMPILE", "off")
+    assert compile_mode(build_parser().parse_args(["chat"])) == "off"
+    assert compile_mode(build_parser().parse_args(["chat", "--compile", "on"])) == "on"
+    assert serve_config(build_parser().parse_args(["serve", "--port", "0", "--compile", "auto"])).compile == "auto"
+    monkeypatch.setenv("LLMKIT_COMPILE", "fast")
+    with pytest.raises(ValueError, match="LLMKIT_COMPILE must be auto, on or off"):
+        compile_mode(build_parser().parse_args(["generate", "hi"]))
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["chat", "--compile", "yes"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
