@@ -183,7 +183,23 @@ def build(model, path: Path, log=None) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    prune(path.parent, keep=KEEP)
     return path
+
+
+KEEP = 8  # libraries kept in $LLMKIT_HOME/compiled (each ~8 MB; a new llmkit or torch version makes new ones)
+
+
+def prune(folder: Path, keep: int = KEEP) -> list[Path]:
+    """Delete all but the `keep` most recently used libraries (loading one marks it used) and their lock and failure
+    files; returns what was deleted."""
+    libs = sorted(folder.glob("*.pt2"), key=lambda f: f.stat().st_mtime, reverse=True)
+    gone = []
+    for lib in libs[keep:]:
+        for f in (lib, lib.with_name(lib.name + ".lock"), lib.with_name(lib.name + ".failed")):
+            f.unlink(missing_ok=True)
+        gone.append(lib)
+    return gone
 
 
 class CompiledStep:
@@ -196,6 +212,10 @@ class CompiledStep:
         self.names, self.tensors = step_tensors(model)
         # torch's C++ loader straight away: torch._inductor (what aoti_load_package imports) takes a second to import
         self._run = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, -1).boxed_run
+        try:
+            os.utime(self.path)  # used now: prune() keeps the most recently used
+        except OSError:
+            pass
         cfg = model.config
         self.max_len, self.max_capacity = cfg.max_position_embeddings, max_capacity(cfg)
         self._ctx = torch.empty(self.max_len)

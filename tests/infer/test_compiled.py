@@ -177,3 +177,17 @@ def test_compile_flag_env_and_serve_config(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["chat", "--compile", "yes"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_prune_keeps_the_most_recently_used(tmp_path):
+    import os
+
+    for i in range(5):
+        lib = tmp_path / f"k{i}.pt2"
+        lib.write_bytes(b"x")
+        (tmp_path / f"k{i}.pt2.lock").touch()
+        os.utime(lib, (1000 + i, 1000 + i))
+    os.utime(tmp_path / "k0.pt2", (5000, 5000))  # used most recently
+    gone = compiled.prune(tmp_path, keep=2)
+    assert sorted(f.name for f in gone) == ["k1.pt2", "k2.pt2", "k3.pt2"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["k0.pt2", "k0.pt2.lock", "k4.pt2", "k4.pt2.lock"]
