@@ -209,7 +209,7 @@ class CompiledStep:
 
     def __init__(self, model, path: Path):
         self.path = Path(path)
-        self.names, self.tensors = step_tensors(model)
+        self.tensors = step_tensors(model)[1]  # passed in step_tensors' order, the order the graph was traced in
         # torch's C++ loader straight away: torch._inductor (what aoti_load_package imports) takes a second to import
         self._run = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, -1).boxed_run
         try:
@@ -315,13 +315,13 @@ def build_in_background(model_spec: str, dtype: str, log_path: Path | None = Non
 def build_if_missing(engine, model_spec, dtype: str) -> str | None:
     """For an Engine(compile="cached") without a library: start its build in the background (unless one is running
     or no compiler is there); returns what to tell the user, or None when there is nothing to say."""
-    if engine.step is not None or engine._step_path is None or engine._step_path.exists():
+    if engine.step is not None or engine.step_path is None or engine.step_path.exists():
         return None
     if building(engine.model):
         return "the compiled decode step is being built in the background; it is used as soon as it is ready"
     if not isinstance(model_spec, (str, os.PathLike)) or not can_build():
         return None
-    failed = engine._step_path.with_name(engine._step_path.name + ".failed")
+    failed = engine.step_path.with_name(engine.step_path.name + ".failed")
     if failed.exists():  # not retried at every start: delete the marker (or run --compile on) to try again
         return f"the compiled decode step failed to build here ({failed}); decoding is eager"
     build_in_background(str(model_spec), dtype or "auto")

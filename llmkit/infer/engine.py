@@ -425,13 +425,13 @@ class Engine:
                 raise ValueError(f"the draft model's vocabulary ({draft_vocab}) is not the model's "
                                  f"({model.config.vocab_size}): a draft model needs the same tokenizer")
         self.model, self.tok = model.eval().fuse_for_decode(), tokenizer  # fused q/k/v, gate/up: faster decode
-        self.step, self._step_path = None, None
+        self.step, self.step_path = None, None  # the compiled step, and where its library is ("cached")
         if compile is True:
             self.step = compiled.load(model, build_now=True)
             if self.step is None:
                 raise ValueError(f"compile: {compiled.supported(model)}")
         elif compile == "cached" and speculative is None:
-            self._step_path = compiled.package_path(model)
+            self.step_path = compiled.package_path(model)
         self.config = model.config
         self.generation_config = dict(generation_config or {})
         param = next(model.parameters())
@@ -454,8 +454,8 @@ class Engine:
 
     def decode_batch(self, max_rows: int | None = None) -> DecodeBatch:
         """A new decode core on this engine's model and KV pool (the scheduler runs one; generate makes its own)."""
-        if self.step is None and self._step_path is not None and self._step_path.exists():  # built (since)
-            self.step = compiled.CompiledStep(self.model, self._step_path)
+        if self.step is None and self.step_path is not None and self.step_path.exists():  # built (since)
+            self.step = compiled.CompiledStep(self.model, self.step_path)
         return DecodeBatch(self.model, self.pool, max_rows or self.max_batch, self.prefill_chunk, self.batch_invariant,
                            self.speculation, None if self.step is None or self.step.failed else self.step)
 

@@ -89,7 +89,7 @@ def test_key_follows_structure_not_values(tok):  # noqa: F811
 def test_speculative_and_compile(tok):  # noqa: F811
     with pytest.raises(ValueError, match="exclude each other"):
         Engine(random_model(tok.vocab_size), tok, compile=True, speculative="ngram")
-    assert Engine(random_model(tok.vocab_size), tok, compile="cached", speculative="ngram")._step_path is None
+    assert Engine(random_model(tok.vocab_size), tok, compile="cached", speculative="ngram").step_path is None
     with pytest.raises(ValueError, match="compile must be"):
         Engine(random_model(tok.vocab_size), tok, compile="yes")
 
@@ -146,14 +146,14 @@ def test_auto_starts_one_background_build(tok, monkeypatch):  # noqa: F811
     monkeypatch.setattr(compiled, "build_in_background", lambda spec, dtype: started.append((spec, dtype)))
     model = random_model(tok.vocab_size, seed=7)
     e = Engine(model, tok, compile="cached")
-    e._step_path.unlink(missing_ok=True)
+    e.step_path.unlink(missing_ok=True)
     note = compiled.build_if_missing(e, "some/model", "int4")
     assert started == [("some/model", "int4")] and "background" in note
-    with compiled._lock(e._step_path):  # another process building it
+    with compiled._lock(e.step_path):  # another process building it
         assert "being built" in compiled.build_if_missing(e, "some/model", "int4")
     assert len(started) == 1
     assert compiled.build_if_missing(e, object(), "int4") is None  # an in-memory model: nothing to start
-    e._step_path.with_name(e._step_path.name + ".failed").write_text("RuntimeError: no\n")
+    e.step_path.with_name(e.step_path.name + ".failed").write_text("RuntimeError: no\n")
     assert "failed to build" in compiled.build_if_missing(e, "some/model", "int4")  # not retried at every start
     assert len(started) == 1
 
